@@ -1,0 +1,1 @@
+"""Prefect flows: they compose the tasks of tasks/ and hold no heavy logic themselves."""

@@ -1,0 +1,205 @@
+"""Typed access to params.yaml: one loader for the flows, the task CLIs and dvc.yaml.
+
+params.yaml has a `base` section with every setting and `profiles` that override parts of it. The
+merged result is validated by pydantic models that forbid unknown keys, so a misspelt parameter
+fails at once with its dotted name instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A parameter file, profile or override that cannot be used; the message names it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PathsConfig(_Section):
+    artifacts: Path
+    data: Path
+    sources_file: Path
+
+
+class CorpusConfig(_Section):
+    out_dir: Path
+    seed: int
+    episodes: int
+    exchanges_per_episode: int
+    sample_rate: int
+    turn_gap_s: tuple[float, float]
+    exchange_gap_s: tuple[float, float]
+    lead_silence_s: float
+    noise_snr_db: list[float]
+    bad_items: bool
+
+    @field_validator("episodes", "exchanges_per_episode")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+
+class DownloadConfig(_Section):
+    archive: Path
+    out_dir: Path
+    retries: int
+    socket_timeout_s: float
+    rate_limit: str | None
+    format: str
+
+
+class NormalizeConfig(_Section):
+    out_dir: Path
+    sample_rate: int
+    loudness_lufs: float
+    true_peak_db: float
+    truncation_tolerance: float
+
+
+class SegmentConfig(_Section):
+    out_dir: Path
+    backend: Literal["silero", "pyannote"]
+    pyannote_pipeline: str | None
+    vad_threshold: float
+    vad_lanes: int
+    min_silence_ms: int
+    speech_pad_ms: int
+    merge_gap_s: float
+    min_segment_s: float
+    max_segment_s: float
+    max_speakers: int
+
+
+class QualityConfig(_Section):
+    frame_ms: int
+    min_raw_dbfs: float
+    min_snr_db: float
+    max_clipping_ratio: float
+    max_silence_ratio: float
+    report_dir: str
+
+
+class SplitsConfig(_Section):
+    seed: int
+    val_fraction: float
+    test_fraction: float
+
+
+class PairsConfig(_Section):
+    max_gap_s: float
+    default_emotion: str
+
+
+class VersionConfig(_Section):
+    enabled: bool
+    push: bool
+    remote_name: str
+    remote_url: str
+
+
+class BenchConfig(_Section):
+    segment_repeats: int
+
+
+class Params(_Section):
+    """All settings of one profile, with paths resolved against the project root."""
+
+    profile: str
+    root: Path
+    paths: PathsConfig
+    corpus: CorpusConfig
+    download: DownloadConfig
+    normalize: NormalizeConfig
+    segment: SegmentConfig
+    quality: QualityConfig
+    splits: SplitsConfig
+    pairs: PairsConfig
+    version: VersionConfig
+    bench: BenchConfig
+
+    def path(self, relative: Path | str) -> Path:
+        """A params path made absolute against the project root (absolute paths pass through)."""
+        p = Path(os.path.expanduser(str(relative)))
+        return p if p.is_absolute() else self.root / p
+
+
+def find_root(start: Path | None = None) -> Path:
+    """The project root: S2S_ROOT, else the nearest folder upwards holding params.yaml."""
+    if env := os.environ.get("S2S_ROOT"):
+        return Path(env).resolve()
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "params.yaml").is_file():
+            return folder
+    packaged = Path(__file__).resolve().parent.parent
+    if (packaged / "params.yaml").is_file():
+        return packaged
+    raise ConfigError(f"no params.yaml found in {here} or above; set S2S_ROOT to the project root")
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any], where: str = "") -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        dotted = f"{where}{key}"
+        if key not in merged:
+            raise ConfigError(f"unknown parameter {dotted!r}")
+        if isinstance(value, dict) and isinstance(merged[key], dict):
+            merged[key] = _deep_merge(merged[key], value, dotted + ".")
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
+    """`section.key=value` strings (values parsed as YAML) into a nested override dict."""
+    nested: dict[str, Any] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ConfigError(f"override {pair!r} is not of the form section.key=value")
+        dotted, raw = pair.split("=", 1)
+        keys = dotted.strip().split(".")
+        node = nested
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = yaml.safe_load(raw)
+    return nested
+
+
+def load_params(
+    profile: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    root: Path | None = None,
+) -> Params:
+    """Read params.yaml, apply the profile then `overrides`, and validate the result."""
+    root = (root or find_root()).resolve()
+    params_file = root / "params.yaml"
+    try:
+        raw = yaml.safe_load(params_file.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{params_file} does not exist") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{params_file} is not valid YAML: {exc}") from exc
+    profiles = raw.get("profiles") or {}
+    profile = profile or raw.get("default_profile") or "smoke"
+    if profile not in profiles:
+        raise ConfigError(f"unknown profile {profile!r}: params.yaml has {', '.join(sorted(profiles))}")
+    merged = _deep_merge(raw["base"], profiles[profile] or {})
+    merged = _deep_merge(merged, overrides or {})
+    try:
+        return Params(profile=profile, root=root, **merged)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid parameters for profile {profile!r}: {problems}") from exc

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Sets the machine up for the pipeline and its tests: Debian's ffmpeg and espeak-ng when missing,
+# then the virtual environment (.venv) with the pinned packages. Quick the second time: apt is
+# skipped when the tools are there, and pip reuses its cache (~/.cache/pip) and the installed venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v ffmpeg >/dev/null || need_apt+=(ffmpeg)
+command -v espeak-ng >/dev/null || need_apt+=(espeak-ng)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "setup: installing Debian packages: ${need_apt[*]}"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv with $($PY --version)"
+  $PY -m venv .venv
+  .venv/bin/pip install -q --upgrade pip
+fi
+echo "setup: installing the project and its pinned dependencies (first time: a few minutes, torch is large)"
+.venv/bin/pip install -q -c constraints.txt -e ".[dev]"
+git config --global --add safe.directory "$(pwd)" 2>/dev/null || true
+echo "setup: done"
