@@ -44,9 +44,9 @@ class QualityResult:
     reasons: Counter = field(default_factory=Counter)
 
 
-def _suite(gx: Any, name: str, quality: QualityConfig, segment: SegmentConfig, rows: bool, table: bool) -> Any:
+def _expectations(gx: Any, quality: QualityConfig, segment: SegmentConfig, rows: bool, table: bool) -> list[Any]:
     E = gx.expectations
-    suite = gx.ExpectationSuite(name=name)
+    expectations: list[Any] = []
     if rows:
         bounds = {
             "duration_s": {"min_value": segment.min_segment_s, "max_value": segment.max_segment_s},
@@ -56,25 +56,27 @@ def _suite(gx: Any, name: str, quality: QualityConfig, segment: SegmentConfig, r
             "silence_ratio": {"max_value": quality.max_silence_ratio},
         }
         for column, kwargs in bounds.items():
-            suite.add_expectation(E.ExpectColumnValuesToBeBetween(
+            expectations.append(E.ExpectColumnValuesToBeBetween(
                 column=column, **kwargs, meta={"reason": METRIC_RULES[column]}))
     if table:
-        suite.add_expectation(E.ExpectColumnValuesToBeUnique(column="segment_id"))
+        expectations.append(E.ExpectColumnValuesToBeUnique(column="segment_id"))
         for column in ("segment_id", "recording_id", "source_id", "speaker", "emotion", "start", "end"):
-            suite.add_expectation(E.ExpectColumnValuesToNotBeNull(column=column))
-        suite.add_expectation(E.ExpectColumnValuesToBeInSet(column="speaker", value_set=list(SPEAKERS)))
-        suite.add_expectation(E.ExpectColumnValuesToBeInSet(column="emotion", value_set=list(EMOTIONS)))
-    return suite
+            expectations.append(E.ExpectColumnValuesToNotBeNull(column=column))
+        expectations.append(E.ExpectColumnValuesToBeInSet(column="speaker", value_set=list(SPEAKERS)))
+        expectations.append(E.ExpectColumnValuesToBeInSet(column="emotion", value_set=list(EMOTIONS)))
+    return expectations
 
 
-def _validate(frame: pd.DataFrame, suite: Any) -> Any:
+def _validate(frame: pd.DataFrame, name: str, expectations: list[Any]) -> Any:
+    """Run one suite over a DataFrame in an ephemeral GX context (nothing written to disk)."""
     import great_expectations as gx
 
     context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = {"globally": False}
     asset = context.data_sources.add_pandas("corpus").add_dataframe_asset("segments")
     batch_definition = asset.add_batch_definition_whole_dataframe("manifest")
-    suite = context.suites.add(suite)
+    suite = context.suites.add(gx.ExpectationSuite(name=name))
+    for expectation in expectations:
+        suite.add_expectation(expectation)
     validation = context.validation_definitions.add(
         gx.ValidationDefinition(name=suite.name, data=batch_definition, suite=suite))
     return validation.run(
@@ -98,7 +100,7 @@ def check_quality(manifest: pd.DataFrame, quality: QualityConfig, segment: Segme
         empty = manifest.assign(reason=pd.Series(dtype=str))
         return QualityResult(manifest, empty, {"success": False, "note": "no segments to validate"})
     frame = manifest.reset_index(drop=True)
-    row_result = _validate(frame, _suite(gx, "segment_quality", quality, segment, rows=True, table=False))
+    row_result = _validate(frame, "segment_quality", _expectations(gx, quality, segment, rows=True, table=False))
     reasons: dict[str, list[str]] = {}
     codes: dict[str, list[str]] = {}
     values = frame.set_index("segment_id")
@@ -116,7 +118,7 @@ def check_quality(manifest: pd.DataFrame, quality: QualityConfig, segment: Segme
     quarantined["reason_code"] = [codes[s][0] for s in quarantined["segment_id"]]
     kept = frame[~bad].copy()
 
-    table_result = _validate(kept, _suite(gx, "corpus_table", quality, segment, rows=False, table=True))
+    table_result = _validate(kept, "corpus_table", _expectations(gx, quality, segment, rows=False, table=True))
     if not table_result.success:
         broken = [f"{r.expectation_config.type}({r.expectation_config.kwargs.get('column')})"
                   for r in table_result.results if not r.success]

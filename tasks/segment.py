@@ -85,21 +85,27 @@ def segment_recording(rec: NormalizedRecording, source: Source, seg: SegmentConf
     audio, rate = sf.read(rec.wav_path, dtype="float32")
     if rate != SAMPLE_RATE:
         raise ValueError(f"{rec.wav_path}: expected {SAMPLE_RATE} Hz audio, got {rate} Hz")
-    probs = speech_probabilities(audio, lanes=seg.vad_lanes)
     with np.load(rec.levels_path) as handle:
         levels = {k: handle[k] for k in handle.files}
-    power = recording_power(audio, probs, seg.vad_threshold)
+    rows = segment_audio(audio, levels, source, rec.recording_id, seg, diarizer)
+    atomic.write_json(cache, {"key": key, "wav_path": str(rec.wav_path), "segments": rows})
+    return rows
 
+
+def segment_audio(audio: np.ndarray, levels: dict[str, np.ndarray], source: Source, recording_id: str,
+                  seg: SegmentConfig, diarizer: Diarizer | None = None) -> list[dict]:
+    """The segmentation itself, on 16 kHz audio in memory: regions, speakers, metrics."""
+    probs = speech_probabilities(audio, lanes=seg.vad_lanes)
+    power = recording_power(audio, probs, seg.vad_threshold)
+    mfcc, pitch = speakers.frame_features(audio)
     if diarizer is not None:
         turns = diarizer(audio)
-        names = list(dict.fromkeys(t[2] for t in turns))
-        raw = [LabelledRegion(s, e, names.index(n)) for s, e, n in turns]
-        mfcc, pitch = speakers.frame_features(audio)
+        order = list(dict.fromkeys(t[2] for t in turns))
+        raw = [LabelledRegion(s, e, order.index(n)) for s, e, n in turns]
         _, medians = speakers.region_embeddings(mfcc, pitch, [(r.start, r.end) for r in raw])
         labels = np.array([r.label for r in raw], int)
     else:
         spans = speech_regions(probs, len(audio), seg.vad_threshold, seg.min_silence_ms, seg.speech_pad_ms)
-        mfcc, pitch = speakers.frame_features(audio)
         vectors, medians = speakers.region_embeddings(mfcc, pitch, spans)
         n_known = len(source.speakers) if source.speakers else None
         labels = speakers.cluster(vectors, n_known, seg.max_speakers)
@@ -109,21 +115,17 @@ def segment_recording(rec: NormalizedRecording, source: Source, seg: SegmentConf
 
     regions = merge_regions(raw, seg.merge_gap_s)
     regions = [part for r in regions for part in split_long(r, probs, seg.max_segment_s, seg.min_segment_s)]
-    rows = []
-    for index, region in enumerate(regions):
-        rows.append({
-            "segment_id": f"{rec.recording_id}--{index:04d}",
-            "recording_id": rec.recording_id,
-            "source_id": source.id,
-            "start": round(region.start, 3),
-            "end": round(region.end, 3),
-            "speaker_label": f"spk{region.label}",
-            "speaker": names[region.label],
-            "emotion": source.emotion,
-            **segment_metrics(region.start, region.end, power, levels),
-        })
-    atomic.write_json(cache, {"key": key, "wav_path": str(rec.wav_path), "segments": rows})
-    return rows
+    return [{
+        "segment_id": f"{recording_id}--{index:04d}",
+        "recording_id": recording_id,
+        "source_id": source.id,
+        "start": round(region.start, 3),
+        "end": round(region.end, 3),
+        "speaker_label": f"spk{region.label}",
+        "speaker": names[region.label],
+        "emotion": source.emotion,
+        **segment_metrics(region.start, region.end, power, levels),
+    } for index, region in enumerate(regions)]
 
 
 def segment_all(recordings: list[NormalizedRecording], sources: dict[str, Source], seg: SegmentConfig,

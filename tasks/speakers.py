@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torchaudio.functional as AF
 import torchaudio.transforms as T
 from sklearn.cluster import AgglomerativeClustering
 from sklearn.metrics import silhouette_score
@@ -21,9 +20,9 @@ SAMPLE_RATE = 16000
 
 # Median pitch (Hz) upper bounds -> checklist speaker, for speakers no metadata names.
 PITCH_RULE: tuple[tuple[float, str], ...] = (
-    (125.0, "male_mature"),
-    (165.0, "male_young"),
-    (215.0, "female_professional"),
+    (88.0, "male_mature"),
+    (150.0, "male_young"),
+    (225.0, "female_professional"),
     (float("inf"), "female_young"),
 )
 
@@ -31,14 +30,37 @@ _mfcc = T.MFCC(sample_rate=SAMPLE_RATE, n_mfcc=20,
                melkwargs={"n_fft": 512, "hop_length": 160, "n_mels": 40, "center": False})
 
 
+def pitch_track(audio: np.ndarray, frame: int = 640, hop: int = 160, f_lo: float = 60.0,
+                f_hi: float = 400.0, voicing: float = 0.6) -> np.ndarray:
+    """F0 in Hz per 10 ms frame by normalized autocorrelation (0 where unvoiced).
+
+    Of the lags whose correlation is within 10% of the best, the shortest wins, which avoids
+    the octave-down errors a plain argmax makes on voices with strong low harmonics.
+    """
+    n = 1 + max(0, len(audio) - frame) // hop
+    if len(audio) < frame:
+        return np.zeros(0, np.float32)
+    index = np.arange(frame)[None, :] + hop * np.arange(n)[:, None]
+    frames = audio[index] * np.hanning(frame)[None, :]
+    frames -= frames.mean(axis=1, keepdims=True)
+    spectrum = np.fft.rfft(frames, 2 * frame, axis=1)
+    acf = np.fft.irfft(np.abs(spectrum) ** 2, axis=1)[:, :frame]
+    acf /= acf[:, :1] + 1e-12
+    taper = np.fft.irfft(np.abs(np.fft.rfft(np.hanning(frame), 2 * frame)) ** 2)[:frame]
+    acf /= taper / taper[0] + 1e-6  # undo the window's own decay with lag
+    lo, hi = int(SAMPLE_RATE / f_hi), int(SAMPLE_RATE / f_lo)
+    window = acf[:, lo:hi]
+    best = window.max(axis=1)
+    first = np.argmax(window >= 0.9 * best[:, None], axis=1)
+    f0 = SAMPLE_RATE / (lo + first)
+    return np.where(best >= voicing, f0, 0.0).astype(np.float32)
+
+
 def frame_features(audio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """MFCCs (frames x 20) at 10 ms hops, and pitch in Hz per 10 ms frame (0 where unvoiced)."""
-    wave = torch.from_numpy(audio).float()
+    """MFCCs (frames x 20) and pitch in Hz (0 where unvoiced), both at 10 ms hops."""
     with torch.inference_mode():
-        mfcc = _mfcc(wave).T.numpy()
-        pitch = AF.detect_pitch_frequency(wave.unsqueeze(0), SAMPLE_RATE, frame_time=0.01,
-                                          win_length=30, freq_low=70, freq_high=400)[0].numpy()
-    return mfcc, pitch
+        mfcc = _mfcc(torch.from_numpy(audio).float()).T.numpy()
+    return mfcc, pitch_track(audio)
 
 
 def region_embeddings(mfcc: np.ndarray, pitch: np.ndarray, regions: list[tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
@@ -51,7 +73,7 @@ def region_embeddings(mfcc: np.ndarray, pitch: np.ndarray, regions: list[tuple[f
         if len(frames) == 0:
             frames = mfcc[-1:]
         p = pitch[int(a * pitch_hop): int(b * pitch_hop) + 1]
-        p = p[(p > 70) & (p < 400)]
+        p = p[p > 0]
         f0 = float(np.median(p)) if p.size else 0.0
         medians.append(f0)
         vectors.append(np.concatenate([frames.mean(0), frames.std(0), [np.log(max(f0, 50.0)) * 10]]))

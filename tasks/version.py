@@ -52,9 +52,10 @@ def ensure_repo(root: Path) -> None:
 
 def ensure_remote(root: Path, name: str, url: str) -> str:
     """The default remote's name; configures a local one if there is none."""
-    current = dvc(root, "remote", "default").strip()
-    if current:
-        return current
+    try:
+        return dvc(root, "remote", "default").strip()
+    except DvcError:  # "No default remote set"
+        pass
     path = Path(url).expanduser()
     path.mkdir(parents=True, exist_ok=True)
     dvc(root, "remote", "add", "--local", "--force", "--default", name, str(path))

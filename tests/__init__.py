@@ -1,0 +1,1 @@
+"""The pipeline's tests (a package, so test modules can share helpers from conftest)."""
