@@ -31,7 +31,7 @@ SetOpt = typer.Option(None, "--set", help="override a parameter: section.key=val
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -72,7 +72,7 @@ def print_summary(summary: dict) -> None:
     table.add_row("flow time", f"{summary.get('extra', {}).get('seconds', '?')} s")
     console.print(table)
     for rid, failure in summary["sources_failed"].items():
-        console.print(f"[yellow]refused[/] {rid}: {failure['error']}")
+        console.print(f"[yellow]refused[/] {rid}: {failure['error']}", soft_wrap=True)
 
 
 @flow_app.command("data")

@@ -63,8 +63,8 @@ def _last_line(stderr: bytes | None) -> str:
     return lines[-1] if lines else "unknown ffmpeg error"
 
 
-def wav_declared_duration(path: Path) -> float | None:
-    """Duration a WAV header declares (data chunk size / byte rate), or None if not a WAV.
+def wav_durations(path: Path) -> tuple[float, float] | None:
+    """(declared, present) seconds of a WAV's data chunk, or None if the file is not a WAV.
 
     ffprobe and libsndfile both derive a WAV's duration from the file size, so a cut-off WAV
     looks whole to them; the header's data size still tells what was meant to be there.
@@ -74,16 +74,16 @@ def wav_declared_duration(path: Path) -> float | None:
         if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
             return None
         byte_rate = None
-        while chunk := handle.read(8):
-            if len(chunk) < 8:
-                return None
+        while len(chunk := handle.read(8)) == 8:
             name, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
             if name == b"fmt ":
-                fmt = handle.read(size)
-                byte_rate = struct.unpack("<I", fmt[8:12])[0]
+                byte_rate = struct.unpack("<I", handle.read(size)[8:12])[0]
                 continue
             if name == b"data":
-                return size / byte_rate if byte_rate and size != 0xFFFFFFFF else None
+                if not byte_rate or size == 0xFFFFFFFF:  # streamed WAV: size unknown
+                    return None
+                present = path.stat().st_size - handle.tell()
+                return size / byte_rate, min(size, present) / byte_rate
             handle.seek(size + (size & 1), 1)
     return None
 
@@ -165,11 +165,15 @@ def normalize_recording(media: Path, recording_id: str, source_id: str, cfg: Nor
                                           "levels_path": Path(meta["levels_path"])})
 
     info = probe_audio(media)
+    wav = wav_durations(media)
+    if wav and wav[1] < wav[0] * (1 - cfg.truncation_tolerance) - 0.05:
+        raise MediaError("truncated", f"{media.name}: truncated: the header declares {wav[0]:.1f} s of audio, "
+                         f"the file holds {wav[1]:.1f} s")
     raw = decode(media)
     if raw.size == 0:
         raise MediaError("no_audio", f"{media.name}: decodes to no audio samples")
     decoded_s = raw.size / info["sample_rate"]
-    declared_s = wav_declared_duration(media) or info["duration"] or decoded_s
+    declared_s = wav[0] if wav else info["duration"] or decoded_s
     if decoded_s < declared_s * (1 - cfg.truncation_tolerance) - 0.05:
         raise MediaError("truncated", f"{media.name}: truncated: the header declares {declared_s:.1f} s of audio, "
                          f"only {decoded_s:.1f} s can be decoded")

@@ -18,7 +18,6 @@ import itertools
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from xml.sax.saxutils import escape
 
@@ -80,6 +79,7 @@ PROSODY: dict[str, Prosody] = {
                                   word_gap=1),
 }
 
+DIALOGUES = Path(__file__).with_name("telugu_dialogues.yaml")
 MEDIA_FORMATS: tuple[str, ...] = ("wav", "flac", "mp3", "ogg")
 
 
@@ -106,7 +106,7 @@ class EpisodePlan:
 
 def load_exchanges() -> list[Exchange]:
     """The project's Telugu dialogues (tasks/telugu_dialogues.yaml)."""
-    text = resources.files("tasks").joinpath("telugu_dialogues.yaml").read_text(encoding="utf-8")
+    text = DIALOGUES.read_text(encoding="utf-8")
     return [Exchange(**{k: e[k] for k in ("id", "topic", "prompt", "reply")})
             for e in yaml.safe_load(text)["exchanges"]]
 

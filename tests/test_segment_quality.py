@@ -68,7 +68,7 @@ def test_merge_and_split_rules():
     assert merge_regions(regions, 0.35) == [LabelledRegion(0, 4, 0), LabelledRegion(4.1, 6, 1)]
     probs = np.ones(1000, np.float32)
     probs[300] = 0.0  # a pause 9.6 s in
-    parts = split_long(LabelledRegion(0.0, 25.0, 0), probs, 15.0, 1.0)
+    parts = split_long(LabelledRegion(0.0, 22.0, 0), probs, 15.0, 1.0)
     assert len(parts) == 2 and abs(parts[0].end - 9.616) < 0.05 and all(p.end - p.start <= 15 for p in parts)
 
 
