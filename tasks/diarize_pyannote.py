@@ -48,8 +48,14 @@ def _resolve(spec: str) -> tuple[str, str | None]:
 
 
 def _turns(output: Any) -> Turns:
-    """Speaker turns from a DiarizeOutput (pyannote 4) or a plain Annotation (legacy)."""
-    annotation = getattr(output, "speaker_diarization", output)
+    """Speaker turns from a DiarizeOutput (pyannote 4) or a plain Annotation (legacy pipelines).
+
+    From a DiarizeOutput we take the exclusive diarization (no overlapping turns), since every
+    turn becomes a single-speaker segment downstream.
+    """
+    annotation = getattr(output, "exclusive_speaker_diarization", None)
+    if annotation is None:
+        annotation = getattr(output, "speaker_diarization", output)
     turns = [(float(seg.start), float(seg.end), str(label))
              for seg, _, label in annotation.itertracks(yield_label=True)]
     return sorted(turns)
@@ -76,12 +82,18 @@ def load_diarizer(spec: str | None) -> Callable[[np.ndarray], Turns]:
         raise RuntimeError(f"could not load pyannote pipeline {source}: {type(exc).__name__}: {exc}") from exc
     if pipeline is None:
         raise RuntimeError(f"could not load pyannote pipeline {source}")
+    if torch.cuda.is_available():
+        pipeline.to(torch.device("cuda"))
 
     def diarize(audio: np.ndarray) -> Turns:
         samples = np.asarray(audio, dtype=np.float32)
         if samples.ndim != 1:
             raise ValueError(f"expected mono audio (1-D), got shape {samples.shape}")
         waveform = torch.from_numpy(np.ascontiguousarray(samples)).unsqueeze(0)
-        return _turns(pipeline({"waveform": waveform, "sample_rate": SAMPLE_RATE}))
+        turns = _turns(pipeline({"waveform": waveform, "sample_rate": SAMPLE_RATE}))
+        # pyannote's frames can run a few ms past either end of the audio: clip to it
+        duration = len(samples) / SAMPLE_RATE
+        clipped = [(max(start, 0.0), min(end, duration), label) for start, end, label in turns]
+        return [turn for turn in clipped if turn[1] > turn[0]]
 
     return diarize
