@@ -10,6 +10,7 @@ Prefect, which a Prefect result cache would not give. Tasks therefore use NO_CAC
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -83,6 +84,17 @@ def version_task(params: Params) -> version.CorpusVersion:
                                   cfg.remote_url)
 
 
+def validation_rows(validation: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per expectation of both GX suites: what was checked and how many rows failed."""
+    rows = []
+    for suite in ("segment_quality", "corpus_table"):
+        for result in validation.get(suite, {}).get("results", []):
+            config = result["expectation_config"]
+            rows.append({"suite": suite, "expectation": config["type"], "column": config["kwargs"].get("column"),
+                         "success": result["success"], "unexpected": result["result"].get("unexpected_count", 0)})
+    return rows
+
+
 @flow(name="data", log_prints=True)
 def data_flow(profile: str = "smoke", sources_file: str | None = None,
               overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -128,6 +140,9 @@ def data_flow(profile: str = "smoke", sources_file: str | None = None,
     summary.extra["seconds"] = round(time.monotonic() - started, 1)
     create_markdown_artifact(key="data-summary", markdown=corpus.summary_markdown(summary),
                              description="Corpus built by the data flow")
+    validation = json.loads((data_dir / "reports" / "validation.json").read_text())
+    create_table_artifact(key="data-validation", description="Great Expectations results over the manifest",
+                          table=validation_rows(validation))
     create_table_artifact(key="data-quarantine", description="Quarantined segments by reason",
                           table=[{"reason": k, "count": v} for k, v in summary.quarantine_reasons.items()] or
                           [{"reason": "none", "count": 0}])

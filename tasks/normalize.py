@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torchaudio.functional as AF
 
 from s2s.config import NormalizeConfig
 from tasks import atomic
+from tasks.stamps import code_hash
 
 
 class MediaError(ValueError):
@@ -146,9 +148,9 @@ def frame_levels(audio: np.ndarray, sample_rate: int, frame_ms: int = 10) -> dic
             "clip_fraction": clipped.astype(np.float32)}
 
 
-def _input_key(media: Path, cfg: NormalizeConfig) -> str:
+def _input_key(media: Path, cfg: NormalizeConfig, frame_ms: int) -> str:
     params = json.dumps({"sr": cfg.sample_rate, "lufs": cfg.loudness_lufs, "tp": cfg.true_peak_db,
-                         "version": 1}, sort_keys=True)
+                         "frame_ms": frame_ms, "code": code_hash(sys.modules[__name__])}, sort_keys=True)
     return hashlib.sha256((file_sha256(media) + params).encode()).hexdigest()
 
 
@@ -157,7 +159,7 @@ def normalize_recording(media: Path, recording_id: str, source_id: str, cfg: Nor
     """Normalize one file, or reuse the earlier result when file and settings are unchanged."""
     base = out_dir / source_id / recording_id
     meta_path = base.with_suffix(".json")
-    key = _input_key(media, cfg)
+    key = _input_key(media, cfg, frame_ms)
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         if meta.get("input_sha256") == key and Path(meta["wav_path"]).is_file():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -20,7 +21,8 @@ import numpy as np
 import soundfile as sf
 
 from s2s.config import QualityConfig, SegmentConfig
-from tasks import atomic, speakers
+from tasks import atomic, quality_metrics, speakers, vad
+from tasks.stamps import code_hash
 from tasks.normalize import NormalizedRecording
 from tasks.quality_metrics import recording_power, segment_metrics
 from tasks.sources import Source
@@ -67,7 +69,8 @@ def _cache_key(rec: NormalizedRecording, source: Source, seg: SegmentConfig, qua
     payload = json.dumps({
         "rec": rec.input_sha256, "speakers": source.speakers, "emotion": source.emotion,
         "segment": seg.model_dump(mode="json", exclude={"out_dir"}),
-        "quality": quality.model_dump(mode="json"), "version": 1,
+        "quality": quality.model_dump(mode="json"),
+        "code": code_hash(sys.modules[__name__], speakers, vad, quality_metrics),
     }, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 

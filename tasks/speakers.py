@@ -26,6 +26,11 @@ PITCH_RULE: tuple[tuple[float, str], ...] = (
     (float("inf"), "female_young"),
 )
 
+# Weight of the pitch dimension against each standardized MFCC dimension. With equal weights,
+# short interjections ("అమ్మ్...") cluster by their sound instead of their speaker: measured on the
+# embedded 'thinking' episode, 50% of speech named right at weight 1, 100% at 3.
+PITCH_WEIGHT = 3.0
+
 _mfcc = T.MFCC(sample_rate=SAMPLE_RATE, n_mfcc=20,
                melkwargs={"n_fft": 512, "hop_length": 160, "n_mels": 40, "center": False})
 
@@ -88,6 +93,7 @@ def cluster(vectors: np.ndarray, n_speakers: int | None, max_speakers: int) -> n
     if n == 1 or n_speakers == 1:
         return np.zeros(n, int)
     x = (vectors - vectors.mean(0)) / (vectors.std(0) + 1e-6)
+    x[:, -1] *= PITCH_WEIGHT
     if n_speakers:
         labels = AgglomerativeClustering(n_clusters=min(n_speakers, n), linkage="ward").fit_predict(x)
     else:

@@ -16,6 +16,7 @@ import io
 import json
 import itertools
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from tqdm import tqdm
 from s2s.config import Params
 from s2s.labels import EMOTIONS, SPEAKERS
 from tasks import atomic
+from tasks.stamps import code_hash
 
 LICENCE = "CC0-1.0: text written for this project, speech synthesized with espeak-ng (GPL-3.0 program)"
 
@@ -250,8 +252,7 @@ def synthesize(params: Params, out_dir: Path | None = None) -> Path:
     exchanges = load_exchanges()
     stamp_path, stamp = out_dir / ".stamp.json", {
         "corpus": params.corpus.model_dump(mode="json", exclude={"out_dir"}),
-        "exchanges": [e.__dict__ for e in exchanges], "voices": repr(VOICES), "prosody": repr(PROSODY),
-        "format": 1,
+        "exchanges": [e.__dict__ for e in exchanges], "code": code_hash(sys.modules[__name__]),
     }
     if sources_file.is_file() and stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
         return sources_file  # same settings and text: the media on disk are what we would render

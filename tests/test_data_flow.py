@@ -70,8 +70,11 @@ def test_data_flow_builds_checks_versions_and_reruns_for_free(project_root: Path
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["data-summary"])))
-    assert artifacts and "corpus hash" in artifacts[0].data
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["data-summary", "data-validation"])))
+    by_key = {a.key: a.data for a in artifacts}
+    assert "corpus hash" in by_key["data-summary"]
+    assert "expect_column_values_to_be_between" in str(by_key["data-validation"])
 
 
 def test_cli_refuses_bad_input_cleanly(project_root: Path, tmp_path: Path, prefect_harness):
