@@ -112,6 +112,69 @@ class BenchConfig(_Section):
     segment_repeats: int
 
 
+class MlflowConfig(_Section):
+    tracking_uri: str | None
+    experiment: str
+    system_metrics: bool
+
+
+class CostConfig(_Section):
+    gpu_hour_usd: float
+    cpu_hour_usd: float
+
+
+class CodecModelConfig(_Section):
+    sample_rate: int
+    channels: int
+    latent_dim: int
+    strides: tuple[int, ...]
+    n_codebooks: int
+    codebook_size: int
+    kernel_size: int
+
+
+class _TrainConfig(_Section):
+    out_dir: Path
+    device: str
+    seed: int
+    batch_size: int
+    epochs: int
+    max_steps: int | None
+    lr: float
+    checkpoint_every: int
+    log_every: int
+
+    @field_validator("batch_size", "epochs", "checkpoint_every", "log_every")
+    @classmethod
+    def _at_least_one(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+
+class CodecTrainConfig(_TrainConfig):
+    crop_seconds: float
+    adversarial: bool
+    eval_items: int
+
+
+class TokensConfig(_Section):
+    out_dir: Path
+
+
+class S2SModelConfig(_Section):
+    d_model: int
+    n_layers: int
+    n_heads: int
+    max_len: int
+    dropout: float
+
+
+class S2STrainConfig(_TrainConfig):
+    warmup_steps: int
+    max_turn_frames: int
+
+
 class Params(_Section):
     """All settings of one profile, with paths resolved against the project root."""
 
@@ -127,6 +190,13 @@ class Params(_Section):
     pairs: PairsConfig
     version: VersionConfig
     bench: BenchConfig
+    mlflow: MlflowConfig
+    cost: CostConfig
+    codec: CodecModelConfig
+    codec_train: CodecTrainConfig
+    tokens: TokensConfig
+    s2s: S2SModelConfig
+    s2s_train: S2STrainConfig
 
     def path(self, relative: Path | str) -> Path:
         """A params path made absolute against the project root (absolute paths pass through)."""

@@ -1,0 +1,446 @@
+"""The S2S transformer: a decoder-only transformer over codec tokens that hears a user's turn and
+speaks the reply, in a chosen voice (speaker id) and manner (emotion id).
+
+Codec codes come as (K, T) ints in [0, codebook_size): K residual-VQ codebooks, one frame per 20 ms.
+The codebooks are laid out with MusicGen's *delay pattern*: codebook k is shifted right by k steps,
+so one transformer step per frame predicts all K codebooks at once with K output heads, and the
+input of a step is the sum of its K codebook embeddings. Codebook k of frame t is then predicted
+after codebooks 0..k-1 of that frame were seen, which keeps most of the coarse-to-fine dependency of
+residual VQ. Why this pattern:
+  - flattening (K steps per frame) would multiply the per-frame latency and the KV cache by K;
+  - a depth transformer (Moshi's) models the within-frame dependency exactly, but is a second model
+    to train, cache and stream; at our scale the delay pattern is the simpler fit.
+The price is K-1 steps of extra latency: a frame is complete K-1 steps after its first codebook.
+
+Per codebook the vocabulary is the codebook_size codes plus three special tokens (S2SConfig):
+  PAD = codebook_size      fills the gaps of the delay pattern and pads batches; never a target
+  BOS = codebook_size + 1  one column between the user's turn and the reply: "speak now"
+  EOS = codebook_size + 2  a whole frame after the reply's last frame, delayed like any frame
+
+A sequence (one row per codebook) is
+  [conditioning slot] [user frames, delayed] [BOS] [reply frames + EOS frame, delayed]
+The conditioning slot is an ordinary position (its token is a PAD placeholder) whose embedding is
+replaced by speaker + emotion embeddings: tokens, logits and targets then share one index, and the
+KV cache needs no special case for the conditioning. The loss covers only the reply (codes and
+EOS); everything else is PAD in the targets and skipped by cross-entropy's ignore_index.
+
+Streaming (after moshi): generation keeps its state in an explicit KVCache (per-layer keys and
+values plus the number of positions written), feeds one step at a time, and yields every frame as
+soon as its last codebook is sampled. Positions are rotary, so a cached step only needs its index.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.nn import functional as F
+
+try:  # an optional GPU kernel: the CPU path (torch SDPA) never needs it
+    from flash_attn import flash_attn_func
+except ImportError:
+    flash_attn_func = None
+
+
+@dataclass
+class S2SConfig:
+    n_codebooks: int = 4
+    codebook_size: int = 256
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    max_len: int = 1024  # positions: conditioning + user turn + BOS + reply, all delayed
+    dropout: float = 0.0
+    n_speakers: int = 4  # s2s.labels.SPEAKERS
+    n_emotions: int = 9  # s2s.labels.EMOTIONS
+
+    @property
+    def pad_id(self) -> int:
+        return self.codebook_size
+
+    @property
+    def bos_id(self) -> int:
+        return self.codebook_size + 1
+
+    @property
+    def eos_id(self) -> int:
+        return self.codebook_size + 2
+
+    @property
+    def vocab_size(self) -> int:
+        """Tokens per codebook: the codes and the three special tokens."""
+        return self.codebook_size + 3
+
+    def sequence_length(self, user_frames: int, reply_frames: int) -> int:
+        """Positions a pair takes (training inputs, or generation at most): 1 + (Tu + K - 1) + 1 +
+        (Tr + 1 + K - 1) tokens, less the last one, which is only ever a target."""
+        return user_frames + reply_frames + 2 * self.n_codebooks
+
+
+# ---------------------------------------------------------------------------------------------
+# Delay pattern, training examples, batches
+
+
+def delay(codes: Tensor, pad: int) -> Tensor:
+    """(..., K, T) -> (..., K, T + K - 1): codebook k shifted right by k steps, gaps set to `pad`."""
+    n_codebooks, frames = codes.shape[-2:]
+    out = codes.new_full((*codes.shape[:-1], frames + n_codebooks - 1), pad)
+    for k in range(n_codebooks):
+        out[..., k, k : k + frames] = codes[..., k, :]
+    return out
+
+
+def undelay(delayed: Tensor) -> Tensor:
+    """(..., K, T + K - 1) -> (..., K, T): the inverse of `delay`."""
+    n_codebooks, steps = delayed.shape[-2:]
+    frames = steps - n_codebooks + 1
+    return torch.stack([delayed[..., k, k : k + frames] for k in range(n_codebooks)], dim=-2)
+
+
+def build_training_example(
+    user_codes: Tensor, reply_codes: Tensor, config: S2SConfig
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One (user turn, reply) pair as next-token inputs (K, L), targets (K, L) and loss mask (K, L).
+
+    Targets are the sequence shifted left by one, with every position outside the reply set to PAD,
+    so cross-entropy with ignore_index=PAD trains only the reply (its codes and its EOS frame); the
+    mask says the same thing for whoever wants to count tokens."""
+    for name, codes in (("user_codes", user_codes), ("reply_codes", reply_codes)):
+        if codes.dim() != 2:
+            raise ValueError(f"{name} must be (n_codebooks, frames), got shape {tuple(codes.shape)}")
+        _check_codes(name, codes, config)
+    n_codebooks, user_frames = user_codes.shape
+    length = config.sequence_length(user_frames, reply_codes.shape[1])
+    if length > config.max_len:
+        raise ValueError(f"pair needs {length} positions, more than max_len={config.max_len}")
+    user_codes, reply_codes = user_codes.long(), reply_codes.long()
+    pad, bos, eos = config.pad_id, config.bos_id, config.eos_id
+
+    def column(token: int) -> Tensor:
+        return user_codes.new_full((n_codebooks, 1), token)
+
+    reply = delay(torch.cat([reply_codes, column(eos)], dim=1), pad)
+    sequence = torch.cat([column(pad), delay(user_codes, pad), column(bos), reply], dim=1)
+    inputs, targets = sequence[:, :-1], sequence[:, 1:].clone()
+    targets[:, : user_frames + n_codebooks] = pad  # target j is token j + 1: the reply starts after BOS
+    return inputs, targets, targets != pad
+
+
+def collate_examples(
+    examples: Sequence[tuple[Tensor, Tensor, Tensor]], config: S2SConfig
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Examples of `build_training_example` as (B, K, L) inputs, targets and mask, right-padded with
+    PAD. Right padding needs no attention mask: attention is causal, so no real position sees a pad,
+    and the pads' targets are PAD, which the loss ignores."""
+    length = max(inputs.shape[1] for inputs, _, _ in examples)
+    shape = (len(examples), config.n_codebooks, length)
+    inputs = torch.full(shape, config.pad_id, dtype=torch.long)
+    targets = torch.full(shape, config.pad_id, dtype=torch.long)
+    mask = torch.zeros(shape, dtype=torch.bool)
+    for i, (x, y, m) in enumerate(examples):
+        inputs[i, :, : x.shape[1]], targets[i, :, : y.shape[1]], mask[i, :, : m.shape[1]] = x, y, m
+    return inputs, targets, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: clear errors here rather than an index error deep in an embedding (or a CUDA assert)
+
+
+def _check_codes(name: str, codes: Tensor, config: S2SConfig, upper: int | None = None) -> None:
+    """Codes of shape (..., K, T), integers in [0, upper) (the codebook size by default)."""
+    upper = config.codebook_size if upper is None else upper
+    if codes.dim() < 2 or codes.shape[-2] != config.n_codebooks:
+        raise ValueError(
+            f"{name} must have {config.n_codebooks} codebooks in dim -2, got shape {tuple(codes.shape)}"
+        )
+    if codes.is_floating_point() or codes.is_complex():
+        raise ValueError(f"{name} must be integer codes, got {codes.dtype}")
+    if codes.numel() and (codes.min() < 0 or codes.max() >= upper):
+        raise ValueError(f"{name} must lie in [0, {upper}), got values {codes.min().item()}..{codes.max().item()}")
+
+
+def _check_ids(name: str, ids: Tensor, count: int, batch: int) -> None:
+    if ids.shape != (batch,):
+        raise ValueError(f"{name} must have shape ({batch},), got {tuple(ids.shape)}")
+    if ids.is_floating_point() or ids.is_complex():
+        raise ValueError(f"{name} ids must be integers, got {ids.dtype}")
+    if ids.numel() and (ids.min() < 0 or ids.max() >= count):
+        bad = ids[(ids < 0) | (ids >= count)][0].item()
+        raise ValueError(f"{name} id {bad} is out of range: there are {count} ({name} ids 0..{count - 1})")
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+def rotary_tables(head_dim: int, max_len: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """cos and sin tables (max_len, head_dim / 2) of rotary position embeddings."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate (B, H, L, D) queries or keys by their positions' angles (cos, sin: (L, D / 2))."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, start: int, dropout_p: float) -> Tensor:
+    """Causal attention of L new queries at positions start.. over all start + L keys, (B, H, ., D).
+
+    flash-attn when it is installed and the tensors suit it (CUDA, half precision); its causal mask
+    is aligned bottom-right, as a cache needs. SDPA otherwise: its `is_causal` mask is aligned
+    top-left, right only without a cached prefix, so a chunk after a prefix gets an explicit mask."""
+    if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p, causal=True)
+        return out.transpose(1, 2)
+    length = q.shape[2]
+    if start == 0:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    if length == 1:  # one new query sees the whole cache
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    mask = torch.ones(length, start + length, dtype=torch.bool, device=q.device).tril(diagonal=start)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+@dataclass
+class KVCache:
+    """Streaming state of one batch of sequences: per layer, keys and values (B, H, capacity, D) of
+    the positions seen so far, and how many that is. Every sequence of the batch is at the same
+    position. `forward` appends to it in place."""
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    length: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: S2SConfig) -> None:
+        super().__init__()
+        self.n_heads, self.dropout = config.n_heads, config.dropout
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, layer: int) -> Tensor:
+        batch, length, d_model = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        start = 0
+        if cache is not None:
+            start = cache.length
+            cache.keys[layer][:, :, start : start + length] = k
+            cache.values[layer][:, :, start : start + length] = v
+            k = cache.keys[layer][:, :, : start + length]
+            v = cache.values[layer][:, :, : start + length]
+        y = attend(q, k, v, start, self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(batch, length, d_model))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: S2SConfig) -> None:
+        super().__init__()
+        self.up = nn.Linear(config.d_model, 4 * config.d_model, bias=False)
+        self.down = nn.Linear(4 * config.d_model, config.d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, config: S2SConfig) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.RMSNorm(config.d_model), nn.RMSNorm(config.d_model)
+        self.attn, self.mlp = CausalSelfAttention(config), MLP(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, layer: int) -> Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), cos, sin, cache, layer))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class S2STransformer(nn.Module):
+    def __init__(self, config: S2SConfig) -> None:
+        super().__init__()
+        if config.d_model % config.n_heads or (config.d_model // config.n_heads) % 2:
+            raise ValueError(f"d_model={config.d_model} must split into {config.n_heads} heads of even size")
+        self.config = config
+        self.embeddings = nn.ModuleList(
+            nn.Embedding(config.vocab_size, config.d_model) for _ in range(config.n_codebooks)
+        )
+        self.speaker_embedding = nn.Embedding(config.n_speakers, config.d_model)
+        self.emotion_embedding = nn.Embedding(config.n_emotions, config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = nn.RMSNorm(config.d_model)
+        self.heads = nn.ModuleList(
+            nn.Linear(config.d_model, config.vocab_size, bias=False) for _ in range(config.n_codebooks)
+        )
+        cos, sin = rotary_tables(config.d_model // config.n_heads, config.max_len)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        for name, param in self.named_parameters():  # GPT-2: residual projections scaled by depth
+            if name.endswith(("attn.proj.weight", "mlp.down.weight")):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        """Small weights: near-zero logits, so an untrained model is close to uniform."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def init_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty cache for `batch` sequences of up to `max_len` positions (config.max_len by
+        default), on the model's device. Its dtype is that of the keys to come unless told: the
+        autocast dtype when autocast is on, else the weights'."""
+        capacity = self.config.max_len if max_len is None else max_len
+        if not 0 < capacity <= self.config.max_len:
+            raise ValueError(f"cache max_len must be in 1..{self.config.max_len}, got {capacity}")
+        weight = self.heads[0].weight
+        if dtype is None:
+            autocast = torch.is_autocast_enabled(weight.device.type)
+            dtype = torch.get_autocast_dtype(weight.device.type) if autocast else weight.dtype
+        shape = (batch, self.config.n_heads, capacity, self.config.d_model // self.config.n_heads)
+        keys, values = ([torch.zeros(shape, dtype=dtype, device=weight.device) for _ in self.blocks] for _ in range(2))
+        return KVCache(keys, values)
+
+    def forward(self, tokens: Tensor, speaker: Tensor, emotion: Tensor, cache: KVCache | None = None) -> Tensor:
+        """Logits (B, K, L, V) of the next token for each of the L positions of `tokens` (B, K, L).
+
+        Without a cache, `tokens` is a whole sequence from position 0 (its first column is the
+        conditioning slot). With one, they are the next positions after those already in the cache,
+        which they are appended to. speaker and emotion (B,) are used at position 0 only."""
+        if tokens.dim() != 3:
+            raise ValueError(f"tokens must be (batch, n_codebooks, length), got shape {tuple(tokens.shape)}")
+        _check_codes("tokens", tokens, self.config, upper=self.config.vocab_size)
+        self._check_conditioning(speaker, emotion, tokens.shape[0])
+        if cache is not None and cache.keys[0].shape[0] != tokens.shape[0]:
+            raise ValueError(f"cache holds {cache.keys[0].shape[0]} sequences, tokens {tokens.shape[0]}")
+        return self._heads(self._hidden(tokens, speaker, emotion, cache))
+
+    def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """Mean cross-entropy over the non-PAD targets (B, K, L); its exp is the perplexity."""
+        return F.cross_entropy(logits.flatten(0, 2).float(), targets.flatten(), ignore_index=self.config.pad_id)
+
+    def _check_conditioning(self, speaker: Tensor, emotion: Tensor, batch: int) -> None:
+        _check_ids("speaker", speaker, self.config.n_speakers, batch)
+        _check_ids("emotion", emotion, self.config.n_emotions, batch)
+
+    def _hidden(self, tokens: Tensor, speaker: Tensor, emotion: Tensor, cache: KVCache | None) -> Tensor:
+        """Final hidden states (B, L, d_model); appends to the cache and advances it."""
+        length = tokens.shape[2]
+        start = 0 if cache is None else cache.length
+        limit = self.config.max_len if cache is None else cache.capacity
+        if start + length > limit:
+            raise ValueError(f"positions {start}..{start + length - 1} exceed the {limit} available")
+        x = sum(embedding(tokens[:, k]) for k, embedding in enumerate(self.embeddings))
+        if start == 0:  # the conditioning slot
+            condition = self.speaker_embedding(speaker) + self.emotion_embedding(emotion)
+            x = torch.cat([condition[:, None], x[:, 1:]], dim=1)
+        x = self.drop(x)
+        cos, sin = self.rope_cos[start : start + length], self.rope_sin[start : start + length]
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache, layer)
+        if cache is not None:
+            cache.length += length
+        return self.norm(x)
+
+    def _heads(self, hidden: Tensor) -> Tensor:
+        return torch.stack([head(hidden) for head in self.heads], dim=1)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        user_codes: Tensor,
+        speaker: Tensor,
+        emotion: Tensor,
+        max_frames: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[Tensor]:
+        """Speak the reply to `user_codes` (B, K, Tu): yields frames (B, K, 1) of codes as soon as
+        each is complete, until every sequence has ended (EOS) or `max_frames` were yielded.
+
+        A sequence that has ended gets PAD (= codebook_size) in the frames the others still yield.
+        temperature=0 or top_k=1 is greedy. Codebook 0 may sample codes or EOS, the others codes
+        only: their delay gaps and their EOS follow from codebook 0's. Dropout is active in
+        training mode, so call model.eval() first."""
+        config = self.config
+        if user_codes.dim() != 3:
+            raise ValueError(
+                f"user_codes must be (batch, n_codebooks, frames), got shape {tuple(user_codes.shape)}"
+            )
+        _check_codes("user_codes", user_codes, config)
+        batch, n_codebooks, user_frames = user_codes.shape
+        self._check_conditioning(speaker, emotion, batch)
+        if max_frames < 1:
+            raise ValueError(f"max_frames must be at least 1, got {max_frames}")
+        if temperature < 0 or (top_k is not None and top_k < 1):
+            raise ValueError(f"need temperature >= 0 and top_k >= 1, got {temperature} and {top_k}")
+        positions = config.sequence_length(user_frames, max_frames)
+        if positions > config.max_len:
+            room = config.max_len - config.sequence_length(user_frames, 0)
+            raise ValueError(
+                f"a user turn of {user_frames} frames with up to {max_frames} reply frames needs {positions} "
+                f"positions, max_len is {config.max_len}: "
+                + (f"at most {room} reply frames fit" if room > 0 else "the user turn is too long")
+            )
+        pad, bos, eos = config.pad_id, config.bos_id, config.eos_id
+        device = user_codes.device
+        cache = self.init_cache(batch, positions)
+        column = torch.full((batch, n_codebooks, 1), pad, dtype=torch.long, device=device)
+        prompt = torch.cat([column, delay(user_codes.long(), pad), column.clone().fill_(bos)], dim=2)
+        hidden = self._hidden(prompt, speaker, emotion, cache)[:, -1:]
+
+        allowed = torch.zeros(n_codebooks, config.vocab_size, dtype=torch.bool, device=device)
+        allowed[:, : config.codebook_size] = True
+        allowed[0, eos] = True
+        lag = torch.arange(n_codebooks, device=device)  # codebook k is k steps behind
+        never = max_frames + n_codebooks  # later than any step
+        eos_frame = torch.full((batch, 1), never, dtype=torch.long, device=device)  # per sequence
+        delayed = torch.empty(batch, n_codebooks, max_frames + n_codebooks, dtype=torch.long, device=device)
+        for step in range(max_frames + n_codebooks):
+            logits = self._heads(hidden)[:, :, -1].masked_fill(~allowed, float("-inf"))
+            sampled = sample(logits, temperature, top_k, generator)
+            ends = (sampled[:, :1] == eos) | (step == max_frames)
+            eos_frame = torch.where((eos_frame == never) & ends, step, eos_frame)
+            frame = step - lag  # the frame each codebook is at
+            token = torch.where(frame == eos_frame, eos, sampled)
+            token = torch.where((frame < 0) | (frame > eos_frame), pad, token)  # delay gaps
+            delayed[:, :, step] = token
+            done = step - (n_codebooks - 1)  # the frame completed by this step
+            if done >= 0:
+                if (eos_frame <= done).all():
+                    return
+                yield delayed[:, lag, done + lag].masked_fill(eos_frame <= done, pad)[:, :, None]
+                if (eos_frame <= done + 1).all():  # the next step would only find the end
+                    return
+            hidden = self._hidden(token[:, :, None], speaker, emotion, cache)
+
+
+def sample(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:
+    """Token ids (...) from logits (..., V): greedy for temperature 0 or top_k 1."""
+    if temperature == 0 or top_k == 1:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1).flatten(0, -2)
+    return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])

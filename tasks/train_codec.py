@@ -1,0 +1,186 @@
+"""Train TeluCodec on the corpus's train split, then score it on the test split.
+
+Read top to bottom: set-up (device, DDP, model, optimizers, resume), the step loop (a batch of
+random crops drawn for this step, reconstruction + commitment (+ adversarial) losses, logging,
+atomic checkpoints), then the evaluation against two trivial baselines at the same bitrate's
+budget (silence, and 8-bit mu-law PCM at the sample rate that bitrate allows), logged to MLflow
+with the checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchaudio.functional as AF
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from models.codec import CodecConfig, STFTDiscriminator, TeluCodec, reconstruction_loss
+from models.metrics import mel_distance, pesq_wb, si_sdr_db, snr_db, stoi
+from s2s.config import Params
+from tasks import atomic
+from tasks.corpus_audio import load_clips, random_crops
+from tasks.training import (RunTracker, autocast, corpus_hash, git_commit, init_distributed, load_checkpoint,
+                            restore_rng, save_checkpoint, select_device, step_generator, tracked)
+
+COMMITMENT_WEIGHT = 1.0
+ADVERSARIAL_WEIGHTS = {"adversarial": 1.0, "feature_matching": 2.0}
+
+
+@dataclass
+class CodecTrainResult:
+    checkpoint: str
+    steps: int
+    seconds: float
+    bitrate_bps: float
+    metrics: dict[str, float]
+    baselines: dict[str, dict[str, float]]
+    run_id: str | None
+
+
+def codec_config(params: Params) -> CodecConfig:
+    return CodecConfig.from_dict(params.codec.model_dump(mode="json"))
+
+
+def score_signals(pairs: list[tuple[np.ndarray, np.ndarray]], sample_rate: int) -> dict[str, float]:
+    """Mean codec metrics over (reference, estimate) pairs; PESQ over the items it can score."""
+    rows = {"snr_db": [], "si_sdr_db": [], "mel_distance": [], "stoi": [], "pesq_wb": []}
+    for ref, est in pairs:
+        rows["snr_db"].append(snr_db(ref, est))
+        rows["si_sdr_db"].append(si_sdr_db(ref, est))
+        rows["mel_distance"].append(mel_distance(ref, est, sample_rate))
+        rows["stoi"].append(stoi(ref, est, sample_rate))
+        p = pesq_wb(ref, est, sample_rate) if sample_rate == 16000 else None
+        if p is not None:
+            rows["pesq_wb"].append(p)
+    return {k: float(np.mean(v)) for k, v in rows.items() if v}
+
+
+def mulaw_baseline(audio: np.ndarray, sample_rate: int, bitrate: float) -> np.ndarray:
+    """8-bit mu-law PCM at the sample rate the codec's bitrate buys, upsampled back."""
+    low_rate = max(1, int(bitrate // 8))
+    x = torch.from_numpy(audio).float()
+    low = AF.resample(x, sample_rate, low_rate)
+    coded = AF.mu_law_decoding(AF.mu_law_encoding(low.clamp(-1, 1), 256), 256)
+    return AF.resample(coded, low_rate, sample_rate)[: len(audio)].numpy()
+
+
+@torch.inference_mode()
+def evaluate_codec(model: TeluCodec, params: Params, device: torch.device) -> tuple[dict, dict]:
+    """Codec metrics on test-split segments, and the same metrics for the trivial baselines."""
+    clips, _ = load_clips(params.path(params.paths.data), "test", limit=params.codec_train.eval_items)
+    sr = model.config.sample_rate
+    model.eval()
+    coded, silent, mulaw = [], [], []
+    for clip in clips:
+        ref = clip.astype(np.float32) / 32768.0
+        wav = torch.from_numpy(ref)[None, None].to(device)
+        out = model.decode(model.encode(wav))[0, 0, : len(ref)].float().cpu().numpy()
+        coded.append((ref, out))
+        silent.append((ref, np.zeros_like(ref)))
+        mulaw.append((ref, mulaw_baseline(ref, sr, model.bitrate())))
+    baselines = {"silence": score_signals(silent, sr), "mulaw_same_bitrate": score_signals(mulaw, sr)}
+    return score_signals(coded, sr), baselines
+
+
+def train_codec(params: Params, resume: bool = False, max_steps: int | None = None, track: bool = True) -> CodecTrainResult:
+    cfg = params.codec_train
+    device = select_device(cfg.device)
+    dist_info = init_distributed(device)
+    out_dir = params.path(cfg.out_dir)
+    checkpoint_path = out_dir / "last.pt"
+    torch.manual_seed(cfg.seed)
+
+    model = TeluCodec(codec_config(params)).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.8, 0.99))
+    discriminator = STFTDiscriminator().to(device) if cfg.adversarial else None
+    disc_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=cfg.lr, betas=(0.8, 0.99)) if discriminator else None
+
+    step, run_id = 0, None
+    if resume and checkpoint_path.is_file():
+        state = load_checkpoint(checkpoint_path)
+        model.load_checkpoint_state(state["model"], state["config"])
+        optimizer.load_state_dict(state["optimizer"])
+        if discriminator is not None and state.get("discriminator"):
+            discriminator.load_state_dict(state["discriminator"])
+            disc_optimizer.load_state_dict(state["disc_optimizer"])
+        step, run_id = state["step"], state.get("run_id")
+        restore_rng(state["rng"])
+    elif resume:
+        raise FileNotFoundError(f"--resume asked for, but there is no checkpoint at {checkpoint_path}")
+
+    clips, _ = load_clips(params.path(params.paths.data), "train")
+    crop = int(cfg.crop_seconds * model.config.sample_rate)
+    steps_per_epoch = math.ceil(len(clips) / (cfg.batch_size * dist_info.world_size))
+    total = cfg.epochs * steps_per_epoch
+    limit = max_steps if max_steps is not None else cfg.max_steps
+    total = min(total, limit) if limit is not None else total
+
+    net = DistributedDataParallel(model) if dist_info.world_size > 1 else model
+    tracker = RunTracker(track and dist_info.is_main, params.root, params.mlflow.tracking_uri, params.mlflow.experiment,
+                         "codec", out_dir / "metrics.jsonl", step, params.mlflow.system_metrics, run_id)
+    started = time.monotonic()
+    with tracked(tracker):
+        tracker.log_params({**{f"codec.{k}": v for k, v in params.codec.model_dump().items()},
+                            **{f"train.{k}": v for k, v in cfg.model_dump().items()},
+                            "profile": params.profile, "world_size": dist_info.world_size, "device": device.type,
+                            "bitrate_bps": model.bitrate(), "total_steps": total})
+        tracker.set_tags({"stage": "codec", "corpus_hash": corpus_hash(params.root, params.path(params.paths.data)),
+                          "git_commit": git_commit(params.root), "profile": params.profile})
+        bar = tqdm(total=total, initial=step, desc="train codec", unit="step", disable=not dist_info.is_main)
+        window_start, window_steps = time.monotonic(), 0
+        model.train()
+        while step < total:
+            batch = random_crops(clips, cfg.batch_size, crop, step_generator(cfg.seed, step, dist_info.rank)).to(device)
+            with autocast(device):
+                out = net(batch)
+            parts = reconstruction_loss(out.audio, batch, model.config.sample_rate)
+            loss = parts["total"] + COMMITMENT_WEIGHT * out.commitment_loss
+            logged = {"loss": float(loss), "stft": float(parts["stft"]), "mel": float(parts["mel"]),
+                      "commitment": float(out.commitment_loss)}
+            if discriminator is not None:
+                disc_optimizer.zero_grad(set_to_none=True)
+                d_loss = discriminator.discriminator_loss(batch, out.audio)
+                d_loss.backward()
+                disc_optimizer.step()
+                adv = discriminator.generator_losses(batch, out.audio)
+                loss = loss + sum(ADVERSARIAL_WEIGHTS[k] * v for k, v in adv.items())
+                logged |= {"disc_loss": float(d_loss), **{k: float(v) for k, v in adv.items()}}
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            step += 1
+            window_steps += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total:
+                elapsed = time.monotonic() - window_start
+                realtime = window_steps * cfg.batch_size * cfg.crop_seconds * dist_info.world_size / max(elapsed, 1e-9)
+                tracker.log_metrics({**logged, "audio_x_realtime": realtime}, step)
+                bar.set_postfix(loss=f"{logged['loss']:.3f}", xrt=f"{realtime:.0f}")
+                window_start, window_steps = time.monotonic(), 0
+            if dist_info.is_main and (step % cfg.checkpoint_every == 0 or step == total):
+                save_checkpoint(checkpoint_path, model=model.state_dict(), config=model.config_dict(),
+                                optimizer=optimizer.state_dict(), step=step, run_id=tracker.run_id,
+                                discriminator=discriminator.state_dict() if discriminator else None,
+                                disc_optimizer=disc_optimizer.state_dict() if disc_optimizer else None)
+        bar.close()
+        seconds = time.monotonic() - started
+        if not dist_info.is_main:
+            return CodecTrainResult(str(checkpoint_path), step, seconds, model.bitrate(), {}, {}, None)
+        metrics, baselines = evaluate_codec(model, params, device)
+        hours = seconds / 3600
+        rate = params.cost.gpu_hour_usd if device.type == "cuda" else params.cost.cpu_hour_usd
+        tracker.log_metrics({**{f"test_{k}": v for k, v in metrics.items()},
+                             **{f"baseline_{b}_{k}": v for b, m in baselines.items() for k, v in m.items()},
+                             "wall_hours": hours, "cost_usd": hours * rate * dist_info.world_size}, step)
+        result = CodecTrainResult(str(checkpoint_path), step, seconds, model.bitrate(), metrics, baselines, tracker.run_id)
+        atomic.write_json(out_dir / "result.json", asdict(result))
+        tracker.log_artifact(checkpoint_path, "checkpoints")
+        tracker.log_artifact(out_dir / "result.json")
+    return result

@@ -1,0 +1,193 @@
+"""What both training tasks share: device and precision, DDP, exact resume, MLflow tracking.
+
+Exact resume: a checkpoint holds the model, the optimizer, the step and every RNG state, and the
+data for step N is drawn from a generator seeded with (seed, N) rather than from an iterator's
+position, so a run resumed from step k replays steps k+1.. exactly as an uninterrupted run would.
+Checkpoints are written atomically (temporary file, then rename), so a kill mid-write leaves the
+previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from tasks import atomic
+
+
+def select_device(preference: str = "auto") -> torch.device:
+    """CUDA when present (or asked for), else the CPU."""
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if preference.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {preference!r} asked for, but CUDA is not available here")
+    return torch.device(preference)
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; full precision on the CPU (bf16 matmuls are slow there)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the torchrun process group when launched by torchrun (gloo on CPU, NCCL on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo(0, 1, 0)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        torch.cuda.set_device(local)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local)
+
+
+def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """The RNG for one step's data: a function of (seed, step, rank) only, so resume is exact."""
+    return torch.Generator().manual_seed(hash((seed, step, rank)) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, **payload: Any) -> Path:
+    """Atomically write a checkpoint (model/optimizer states, step, config, RNG states)."""
+    with atomic.atomic_path(path, suffix=".pt") as tmp:
+        torch.save({**payload, "rng": rng_state()}, tmp)
+    return path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def git_commit(root: Path) -> str:
+    result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                           capture_output=True, text=True).stdout.strip()
+    commit = result.stdout.strip() if result.returncode == 0 else "unknown"
+    return f"{commit}-dirty" if dirty and commit != "unknown" else commit
+
+
+def corpus_hash(root: Path, data_dir: Path) -> str:
+    """The DVC hash of the corpus a run trains on (data.dvc), or 'unversioned'."""
+    dvc_file = root / f"{data_dir.name}.dvc"
+    if dvc_file.is_file():
+        return yaml.safe_load(dvc_file.read_text())["outs"][0]["md5"]
+    return "unversioned"
+
+
+def tracking_uri(root: Path, configured: str | None) -> str:
+    """MLFLOW_TRACKING_URI, else params' mlflow.tracking_uri, else the embedded SQLite store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or configured or f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"
+
+
+class RunTracker:
+    """An MLflow run on the main rank (nothing on the others), plus a local metrics.jsonl.
+
+    The JSONL beside the checkpoints is what resume tests and dashboards without MLflow read; it
+    is appended per logged step and truncated to the resumed step on resume.
+    """
+
+    def __init__(self, enabled: bool, root: Path, uri: str | None, experiment: str, run_name: str,
+                 metrics_path: Path, resume_step: int, system_metrics: bool, run_id: str | None = None,
+                 nested: bool = False) -> None:
+        self.enabled = enabled
+        self.metrics_path = metrics_path
+        self.started = time.monotonic()
+        self.run_id: str | None = None
+        if not enabled:
+            return
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resume_step and metrics_path.is_file():
+            kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= resume_step]
+        atomic.write_text(metrics_path, "".join(l + "\n" for l in kept))
+        import mlflow
+
+        self.mlflow = mlflow
+        mlflow.set_tracking_uri(tracking_uri(root, uri))
+        if mlflow.get_experiment_by_name(experiment) is None:
+            artifacts = root / "mlflow" / "artifacts"
+            artifacts.mkdir(parents=True, exist_ok=True)
+            mlflow.create_experiment(experiment, artifact_location=artifacts.as_uri())
+        mlflow.set_experiment(experiment)
+        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name,
+                               log_system_metrics=system_metrics, nested=nested)
+        self.run_id = run.info.run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        if self.enabled:
+            self.mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.enabled:
+            self.mlflow.set_tags(tags)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        self.mlflow.log_metrics(metrics, step=step)
+        with open(self.metrics_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        if self.enabled:
+            self.mlflow.log_artifact(str(path), artifact_path=folder)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.enabled:
+            self.mlflow.end_run(status=status)
+
+
+@contextlib.contextmanager
+def tracked(tracker: RunTracker) -> Iterator[RunTracker]:
+    """End the MLflow run as FAILED (or KILLED on Ctrl-C) when training raises."""
+    try:
+        yield tracker
+    except KeyboardInterrupt:
+        tracker.finish("KILLED")
+        raise
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish()
