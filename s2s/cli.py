@@ -24,6 +24,8 @@ bench_app = typer.Typer(help="Benchmarks: print figures and ratios.", no_args_is
 app.add_typer(corpus_app, name="corpus")
 app.add_typer(flow_app, name="flow")
 app.add_typer(bench_app, name="bench")
+train_app = typer.Typer(help="Train the models (also under torchrun for DDP).", no_args_is_help=True)
+app.add_typer(train_app, name="train")
 console = Console()
 
 ProfileOpt = typer.Option(None, "--profile", "-p", help="params.yaml profile (smoke, production)")
@@ -113,6 +115,92 @@ def bench_segment(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]]
         from tasks import atomic
 
         atomic.write_text(json_out, json.dumps(report, indent=2) + "\n")
+
+
+def _params(profile: str | None, set_: list[str] | None):
+    try:
+        return load_params(profile, parse_overrides(set_))
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+@train_app.command("codec")
+def train_codec_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = SetOpt,
+                    resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint"),
+                    max_steps: Optional[int] = typer.Option(None, help="stop after this many steps in all"),
+                    no_mlflow: bool = typer.Option(False, "--no-mlflow", help="do not log to MLflow")) -> None:
+    """Train TeluCodec on the corpus and score it on the test split."""
+    from tasks.corpus_audio import CorpusError
+    from tasks.train_codec import train_codec
+
+    params = _params(profile, set_)
+    try:
+        result = train_codec(params, resume=resume, max_steps=max_steps, track=not no_mlflow)
+    except (CorpusError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    if result.metrics:
+        _print_scores("codec (test split)", {"TeluCodec": result.metrics, **result.baselines})
+        console.print(f"{result.steps} steps in {result.seconds:.0f} s, {result.bitrate_bps:.0f} bps; "
+                      f"checkpoint {result.checkpoint}; MLflow run {result.run_id}")
+
+
+@train_app.command("s2s")
+def train_s2s_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = SetOpt,
+                  resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint"),
+                  max_steps: Optional[int] = typer.Option(None, help="stop after this many steps in all"),
+                  no_mlflow: bool = typer.Option(False, "--no-mlflow", help="do not log to MLflow")) -> None:
+    """Tokenize the corpus with the trained codec (if needed) and train the S2S transformer."""
+    from tasks.corpus_audio import CorpusError
+    from tasks.train_s2s import train_s2s
+
+    params = _params(profile, set_)
+    try:
+        result = train_s2s(params, resume=resume, max_steps=max_steps, track=not no_mlflow)
+    except (CorpusError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    if result.metrics:
+        _print_scores("S2S (validation split)", {"S2S": result.metrics, "uniform": result.baselines})
+        console.print(f"{result.steps} steps in {result.seconds:.0f} s; checkpoint {result.checkpoint}; "
+                      f"MLflow run {result.run_id}")
+
+
+def _print_scores(title: str, rows: dict[str, dict[str, float]]) -> None:
+    columns = sorted({k for r in rows.values() for k in r})
+    table = Table(title=title)
+    table.add_column("model")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for name, values in rows.items():
+        table.add_row(name, *(f"{values[c]:.3f}" if c in values else "-" for c in columns))
+    console.print(table)
+
+
+@bench_app.command("codec")
+def bench_codec_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = SetOpt,
+                    threads: int = typer.Option(1, help="torch threads (1 = one CPU stream)")) -> None:
+    """Encode/decode real-time factors and streaming decode latency of the trained codec."""
+    from tasks.bench_models import bench_codec
+
+    _print_figures("s2s bench codec", bench_codec(_params(profile, set_), threads=threads))
+
+
+@bench_app.command("s2s")
+def bench_s2s_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = SetOpt,
+                  threads: int = typer.Option(1, help="torch threads")) -> None:
+    """Generation tokens/s at batch 1 and 64 with the KV cache, and time to the first reply frame."""
+    from tasks.bench_models import bench_s2s
+
+    _print_figures("s2s bench s2s", bench_s2s(_params(profile, set_), threads=threads))
+
+
+def _print_figures(title: str, figures: dict) -> None:
+    table = Table(title=title)
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for key, value in figures.items():
+        table.add_row(key, str(value))
+    console.print(table)
+    console.print_json(data=figures)
 
 
 if __name__ == "__main__":

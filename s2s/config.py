@@ -154,6 +154,7 @@ class _TrainConfig(_Section):
 
 class CodecTrainConfig(_TrainConfig):
     crop_seconds: float
+    waveform_weight: float
     adversarial: bool
     eval_items: int
 

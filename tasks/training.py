@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -100,6 +100,25 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+def planned_steps(items: int, batch_size: int, world_size: int, epochs: int, max_steps: int | None) -> int:
+    """Steps for `epochs` passes over `items` at this global batch, capped by max_steps if set."""
+    total = epochs * math.ceil(items / (batch_size * world_size))
+    return min(total, max_steps) if max_steps is not None else total
+
+
+def cost_metrics(seconds: float, device: torch.device, cost: Any, world_size: int) -> dict[str, float]:
+    """Wall hours and estimated cost: device hours x the hourly rate params.yaml gives."""
+    hours = seconds / 3600
+    rate = cost.gpu_hour_usd if device.type == "cuda" else cost.cpu_hour_usd
+    return {"wall_hours": hours, "cost_usd": hours * rate * world_size}
+
+
+def run_tags(params: Any, stage: str) -> dict[str, str]:
+    """What every training run records: its stage, corpus version, code version and profile."""
+    return {"stage": stage, "corpus_hash": corpus_hash(params.root, params.path(params.paths.data)),
+            "git_commit": git_commit(params.root), "profile": params.profile}
+
+
 def git_commit(root: Path) -> str:
     result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
@@ -128,20 +147,22 @@ class RunTracker:
     is appended per logged step and truncated to the resumed step on resume.
     """
 
-    def __init__(self, enabled: bool, root: Path, uri: str | None, experiment: str, run_name: str,
+    def __init__(self, main: bool, use_mlflow: bool, root: Path, uri: str | None, experiment: str, run_name: str,
                  metrics_path: Path, resume_step: int, system_metrics: bool, run_id: str | None = None,
                  nested: bool = False) -> None:
-        self.enabled = enabled
+        self.main = main
+        self.enabled = main and use_mlflow  # MLflow on the main rank only
         self.metrics_path = metrics_path
-        self.started = time.monotonic()
         self.run_id: str | None = None
-        if not enabled:
+        if not main:
             return
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if resume_step and metrics_path.is_file():
             kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= resume_step]
         atomic.write_text(metrics_path, "".join(l + "\n" for l in kept))
+        if not self.enabled:
+            return
         import mlflow
 
         self.mlflow = mlflow
@@ -164,9 +185,10 @@ class RunTracker:
             self.mlflow.set_tags(tags)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if not self.enabled:
+        if not self.main:
             return
-        self.mlflow.log_metrics(metrics, step=step)
+        if self.enabled:
+            self.mlflow.log_metrics(metrics, step=step)
         with open(self.metrics_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps({"step": step, **metrics}) + "\n")
 

@@ -48,6 +48,18 @@ def speak(text: str, speaker: str = "male_young", emotion: str = "neutral", samp
     return AF.resample(torch.from_numpy(audio), 22050, sample_rate).numpy()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny torch nets: a second intra-op thread gains nothing on them, and on a
+    busy 2-core runner threads waiting for each other made tests 5-20x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """A temporary Prefect server for tests that run flows (startup can take ~60 s here)."""

@@ -18,14 +18,7 @@ from models.streaming import CausalConv1d, CausalConvTranspose1d, ResidualUnit, 
 SR = 16000
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These ops are tiny: extra intra-op threads gain nothing, and on a busy runner OpenMP
-    threads that wait for each other made the overfit test 20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

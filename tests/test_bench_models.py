@@ -1,0 +1,22 @@
+"""The model benchmarks run end to end on tiny models and report sane figures."""
+
+from __future__ import annotations
+
+from s2s.config import load_params
+
+from .test_training import TINY
+
+
+def test_bench_codec_and_s2s_report_figures(project_root):
+    from tasks.bench_models import bench_codec, bench_s2s
+
+    params = load_params("smoke", TINY)
+    codec = bench_codec(params, seconds=1.0, frames=10, repeats=1)
+    assert codec["model"].startswith("untrained") and codec["bitrate_bps"] == 50 * 2 * 5
+    assert codec["encode_x_realtime"] > 0 and codec["stream_decode_frame_ms_median"] > 0
+    assert codec["stream_decode_frame_ms_p95"] >= codec["stream_decode_frame_ms_median"]
+
+    s2s = bench_s2s(params, user_frames=8, reply_frames=4, repeats=1)
+    assert s2s["batch1_tokens_per_s"] > 0 and s2s["batch64_tokens_per_s"] > 0
+    assert 1 <= s2s["batch1_frames_generated"] <= 4 and s2s["batch1_first_frame_ms"] > 0
+    assert s2s["kv_cache_speedup_batch1"] > 0
