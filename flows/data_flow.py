@@ -50,7 +50,7 @@ def segment_task(recordings: list[normalize.NormalizedRecording], sources: list[
         from tasks.diarize_pyannote import load_diarizer
 
         diarizer = load_diarizer(params.segment.pyannote_pipeline)
-    return segment.segment_all(recordings, {s.id: s for s in sources}, params.segment, params.quality,
+    return segment.segment_all(recordings, {s.id: s for s in sources}, params.segment,
                                params.path(params.segment.out_dir), diarizer)
 
 

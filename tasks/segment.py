@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import soundfile as sf
 
-from s2s.config import QualityConfig, SegmentConfig
+from s2s.config import SegmentConfig
 from tasks import atomic, quality_metrics, speakers, vad
 from tasks.stamps import code_hash
 from tasks.normalize import NormalizedRecording
@@ -65,21 +65,22 @@ def split_long(region: LabelledRegion, probs: np.ndarray, max_s: float, min_s: f
     return split_long(left, probs, max_s, min_s) + split_long(right, probs, max_s, min_s)
 
 
-def _cache_key(rec: NormalizedRecording, source: Source, seg: SegmentConfig, quality: QualityConfig) -> str:
+def _cache_key(rec: NormalizedRecording, source: Source, seg: SegmentConfig) -> str:
+    """Inputs, settings and code of the segmentation (quality thresholds apply later, so they
+    are not part of it: changing one re-runs the quality step, not the segmentation)."""
     payload = json.dumps({
         "rec": rec.input_sha256, "speakers": source.speakers, "emotion": source.emotion,
         "segment": seg.model_dump(mode="json", exclude={"out_dir"}),
-        "quality": quality.model_dump(mode="json"),
         "code": code_hash(sys.modules[__name__], speakers, vad, quality_metrics),
     }, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def segment_recording(rec: NormalizedRecording, source: Source, seg: SegmentConfig, quality: QualityConfig,
+def segment_recording(rec: NormalizedRecording, source: Source, seg: SegmentConfig,
                       out_dir: Path, diarizer: Diarizer | None = None) -> list[dict]:
     """Segment rows (times, speaker, metrics) for one recording; cached by input and settings."""
     cache = out_dir / source.id / f"{rec.recording_id}.segments.json"
-    key = _cache_key(rec, source, seg, quality)
+    key = _cache_key(rec, source, seg)
     if cache.is_file():
         cached = json.loads(cache.read_text())
         if cached.get("key") == key:
@@ -132,7 +133,7 @@ def segment_audio(audio: np.ndarray, levels: dict[str, np.ndarray], source: Sour
 
 
 def segment_all(recordings: list[NormalizedRecording], sources: dict[str, Source], seg: SegmentConfig,
-                quality: QualityConfig, out_dir: Path, diarizer: Diarizer | None = None
+                out_dir: Path, diarizer: Diarizer | None = None
                 ) -> tuple[list[dict], dict[str, dict[str, str]]]:
     """Segment every recording; one that fails is recorded with its reason, the rest go on."""
     from tqdm import tqdm
@@ -141,7 +142,7 @@ def segment_all(recordings: list[NormalizedRecording], sources: dict[str, Source
     failures: dict[str, dict[str, str]] = {}
     for rec in tqdm(recordings, desc="segment", unit="file"):
         try:
-            found = segment_recording(rec, sources[rec.source_id], seg, quality, out_dir, diarizer)
+            found = segment_recording(rec, sources[rec.source_id], seg, out_dir, diarizer)
         except Exception as exc:  # one broken recording must not stop the corpus
             failures[rec.recording_id] = {"source_id": rec.source_id, "code": "segmentation_failed",
                                           "error": f"{rec.recording_id}: {type(exc).__name__}: {exc}"}
