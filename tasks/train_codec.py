@@ -122,8 +122,7 @@ def train_codec(params: Params, resume: bool = False, max_steps: int | None = No
                           max_steps if max_steps is not None else cfg.max_steps)
 
     net = DistributedDataParallel(model) if dist_info.world_size > 1 else model
-    tracker = RunTracker(dist_info.is_main, track, params.root, params.mlflow.tracking_uri, params.mlflow.experiment,
-                         "codec", out_dir / "metrics.jsonl", step, params.mlflow.system_metrics, run_id)
+    tracker = RunTracker.for_training(params, "codec", out_dir, dist_info.is_main, track, step, run_id)
     started = time.monotonic()
     with tracked(tracker):
         tracker.log_params({**{f"codec.{k}": v for k, v in params.codec.model_dump().items()},

@@ -148,8 +148,7 @@ class RunTracker:
     """
 
     def __init__(self, main: bool, use_mlflow: bool, root: Path, uri: str | None, experiment: str, run_name: str,
-                 metrics_path: Path, resume_step: int, system_metrics: bool, run_id: str | None = None,
-                 nested: bool = False) -> None:
+                 metrics_path: Path, resume_step: int, system_metrics: bool, run_id: str | None = None) -> None:
         self.main = main
         self.enabled = main and use_mlflow  # MLflow on the main rank only
         self.metrics_path = metrics_path
@@ -173,8 +172,15 @@ class RunTracker:
             mlflow.create_experiment(experiment, artifact_location=artifacts.as_uri())
         mlflow.set_experiment(experiment)
         run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name,
-                               log_system_metrics=system_metrics, nested=nested)
+                               log_system_metrics=system_metrics)
         self.run_id = run.info.run_id
+
+    @classmethod
+    def for_training(cls, params: Any, stage: str, out_dir: Path, is_main: bool, use_mlflow: bool,
+                     resume_step: int, run_id: str | None) -> "RunTracker":
+        """The tracker of a training stage: its run (continued on resume) and its metrics.jsonl."""
+        return cls(is_main, use_mlflow, params.root, params.mlflow.tracking_uri, params.mlflow.experiment, stage,
+                   out_dir / "metrics.jsonl", resume_step, params.mlflow.system_metrics, run_id)
 
     def log_params(self, params: dict[str, Any]) -> None:
         if self.enabled:
