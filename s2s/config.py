@@ -176,6 +176,69 @@ class S2STrainConfig(_TrainConfig):
     max_turn_frames: int
 
 
+class CodecGate(_Section):
+    """Floors and ceilings for the codec's test-split metrics; `beat_baseline` also asks it to
+    beat 8-bit mu-law PCM at the same bitrate on mel distance and STOI."""
+
+    min_snr_db: float
+    min_si_sdr_db: float | None = None
+    max_mel_distance: float
+    min_stoi: float
+    min_pesq_wb: float | None = None
+    beat_baseline: bool = True
+
+
+class S2SGate(_Section):
+    max_cross_entropy: float
+    max_perplexity: float
+    max_uniform_ratio: float          # val perplexity / codebook size
+
+
+class LatencyGate(_Section):
+    max_mean_ms: float
+    max_p95_ms: float
+    max_std_ms: float
+
+
+class GatesConfig(_Section):
+    codec: CodecGate
+    s2s: S2SGate
+    latency: LatencyGate
+
+
+class LatencyConfig(_Section):
+    utterances: int                   # test-split user turns streamed through the serving path
+    warmup: int
+    threads: int
+    chunk_ms: int                     # the user's audio arrives in chunks of this length
+    reply_frames: int                 # frames generated per reply (first audio needs only 1)
+
+
+class ServingConfig(_Section):
+    temperature: float
+    top_k: int | None
+    max_reply_seconds: float
+    max_utterance_seconds: float
+
+
+class RegistryConfig(_Section):
+    model_name: str
+    auto_promote: bool                # champion at once when the gates pass (no sign-off)
+    required_roles: list[Literal["technical_lead", "project_manager", "business_head"]]
+
+
+class PublishConfig(_Section):
+    enabled: bool
+    out_dir: Path
+    endpoint: str | None              # HF_ENDPOINT wins; null = the public Hub
+    namespace: str | None             # user or organisation; null = the token's user
+    codec_repo: str
+    s2s_repo: str
+    private: bool
+    license: str
+    token_env: str                    # name of the variable holding the token (never its value)
+
+
 class Params(_Section):
     """All settings of one profile, with paths resolved against the project root."""
 
@@ -198,6 +261,11 @@ class Params(_Section):
     tokens: TokensConfig
     s2s: S2SModelConfig
     s2s_train: S2STrainConfig
+    gates: GatesConfig
+    latency: LatencyConfig
+    serving: ServingConfig
+    registry: RegistryConfig
+    publish: PublishConfig
 
     def path(self, relative: Path | str) -> Path:
         """A params path made absolute against the project root (absolute paths pass through)."""
