@@ -373,12 +373,14 @@ class S2STransformer(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        min_frames: int = 0,
     ) -> Iterator[Tensor]:
         """Speak the reply to `user_codes` (B, K, Tu): yields frames (B, K, 1) of codes as soon as
         each is complete, until every sequence has ended (EOS) or `max_frames` were yielded.
 
         A sequence that has ended gets PAD (= codebook_size) in the frames the others still yield.
-        temperature=0 or top_k=1 is greedy. Codebook 0 may sample codes or EOS, the others codes
+        temperature=0 or top_k=1 is greedy. EOS is not sampled before `min_frames` frames (a
+        reply is never empty when min_frames >= 1). Codebook 0 may sample codes or EOS, the others codes
         only: their delay gaps and their EOS follow from codebook 0's. Dropout is active in
         training mode, so call model.eval() first."""
         config = self.config
@@ -417,6 +419,8 @@ class S2STransformer(nn.Module):
         delayed = torch.empty(batch, n_codebooks, max_frames + n_codebooks, dtype=torch.long, device=device)
         for step in range(max_frames + n_codebooks):
             logits = self._heads(hidden)[:, :, -1].masked_fill(~allowed, float("-inf"))
+            if step < min_frames:
+                logits[:, 0, eos] = float("-inf")
             sampled = sample(logits, temperature, top_k, generator)
             ends = (sampled[:, :1] == eos) | (step == max_frames)
             eos_frame = torch.where((eos_frame == never) & ends, step, eos_frame)

@@ -26,10 +26,13 @@ app.add_typer(flow_app, name="flow")
 app.add_typer(bench_app, name="bench")
 train_app = typer.Typer(help="Train the models (also under torchrun for DDP).", no_args_is_help=True)
 app.add_typer(train_app, name="train")
+signoff_app = typer.Typer(help="Sign-off report and approvals of a registered model version.", no_args_is_help=True)
+app.add_typer(signoff_app, name="signoff")
 console = Console()
 
 ProfileOpt = typer.Option(None, "--profile", "-p", help="params.yaml profile (smoke, production)")
 SetOpt = typer.Option(None, "--set", help="override a parameter: section.key=value (repeatable)")
+ForceOpt = typer.Option(False, "--force", help="train even when a finished run has the same inputs")
 
 
 def _fail(message: str) -> None:
@@ -99,6 +102,150 @@ def flow_data(profile: Optional[str] = ProfileOpt,
     print_summary(summary)
 
 
+def _thresholds(values: list[str] | None) -> dict:
+    """--threshold codec.min_stoi=0.5 -> {"codec": {"min_stoi": 0.5}}."""
+    return parse_overrides(values)
+
+
+ThresholdOpt = typer.Option(None, "--threshold", help="override a gate threshold: gate.key=value (repeatable)")
+
+
+def _run_gated(run) -> dict:
+    """Run a flow that gates a candidate; a refused candidate or bad input ends with exit code 1/2."""
+    from tasks.corpus_audio import CorpusError
+    from tasks.gates import GateFailed
+    from tasks.sources import SourcesError
+
+    try:
+        return run()
+    except GateFailed as exc:
+        console.print(f"[bold red]candidate refused:[/] {exc}", soft_wrap=True)
+        console.print("nothing was registered; the MLflow run is tagged rejected_by / rejection_reason", soft_wrap=True)
+        raise typer.Exit(code=1)
+    except (SourcesError, ConfigError, CorpusError) as exc:
+        _fail(str(exc))
+
+
+def print_candidate(result: dict) -> None:
+    table = Table(title=f"Candidate: {result['model']} version {result['version']}")
+    for column in ("gate", "metric", "value", "rule", "passed"):
+        table.add_column(column)
+    for gate in result["gates"].values():
+        for check in gate["checks"]:
+            value = "-" if check["value"] is None else f"{check['value']:.4g}"
+            table.add_row(gate["name"], check["metric"], value, f"{check['op']} {check['threshold']:.4g}",
+                          "[green]yes[/]" if check["passed"] else "[red]no[/]")
+    console.print(table)
+    state = "already registered (same weights)" if result["reused"] else "registered"
+    console.print(f"[bold]{result['model']}[/] version [bold]{result['version']}[/] {state}; aliases: "
+                  f"{', '.join(result['aliases']) or 'none'}; stages reused: {', '.join(result['cached']) or 'none'}",
+                  soft_wrap=True)
+
+
+def print_links(links: dict) -> None:
+    console.print("[bold]Where to look[/] (start both UIs with `make ui`):")
+    for key, value in links.items():
+        console.print(f"  {key}: {value}", soft_wrap=True)
+
+
+@flow_app.command("train")
+def flow_train(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = SetOpt,
+               threshold: Optional[list[str]] = ThresholdOpt) -> None:
+    """Train the codec and the S2S model, gate them, and register the candidate in MLflow."""
+    _prefect_env()
+    params = _params(profile, set_)
+    from flows.train_flow import train_flow
+
+    result = _run_gated(lambda: train_flow(profile=params.profile, overrides=parse_overrides(set_),
+                                           thresholds=_thresholds(threshold)))
+    print_candidate(result)
+    console.print(f"train flow: {result['seconds']} s")
+    print_links(result["links"])
+
+
+@flow_app.command("pipeline")
+def flow_pipeline(profile: Optional[str] = ProfileOpt,
+                  sources: Optional[Path] = typer.Option(None, help="sources.yaml (default: the embedded corpus)"),
+                  set_: Optional[list[str]] = SetOpt, threshold: Optional[list[str]] = ThresholdOpt,
+                  publish: bool = typer.Option(True, "--publish/--no-publish", help="publish to the Hub at the end")) -> None:
+    """The whole chain: data -> codec -> gates -> S2S -> gates -> latency -> register -> sign-off -> publish."""
+    import time
+
+    _prefect_env()
+    params = _params(profile, set_)
+    from flows.pipeline_flow import pipeline_flow
+
+    started = time.monotonic()
+    result = _run_gated(lambda: pipeline_flow(profile=params.profile, sources_file=str(sources) if sources else None,
+                                              overrides=parse_overrides(set_), thresholds=_thresholds(threshold),
+                                              publish=publish))
+    print_summary(result["corpus"])
+    print_candidate(result["train"])
+    if result["publish"]:
+        console.print(f"publish: {result['publish'].get('message', result['publish'].get('mode'))}", soft_wrap=True)
+    print_links(result["links"])
+    console.print(f"[bold]pipeline finished in {time.monotonic() - started:.1f} s[/] "
+                  f"(flow {result['seconds']} s)")
+
+
+@signoff_app.command("report")
+def signoff_report(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = SetOpt,
+                   version: Optional[str] = typer.Option(None, help="model version (default: the challenger)"),
+                   prefect: bool = typer.Option(True, "--prefect/--no-prefect", help="also a Prefect artifact")) -> None:
+    """Render the sign-off report of a model version (markdown; MLflow and Prefect artifacts)."""
+    if prefect:
+        _prefect_env()
+    from tasks import signoff
+
+    params = _params(profile, set_)
+    try:
+        markdown, path = signoff.publish_report(params, version, prefect=prefect)
+    except LookupError as exc:
+        _fail(str(exc))
+    console.print(markdown, markup=False, soft_wrap=True)
+    console.print(f"report written to {path}")
+
+
+@signoff_app.command("approve")
+def signoff_approve(role: str = typer.Option(..., help="technical_lead | project_manager | business_head"),
+                    name: str = typer.Option(..., help="the reviewer's name"),
+                    version: Optional[str] = typer.Option(None, help="model version (default: the challenger)"),
+                    profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = SetOpt) -> None:
+    """Approve a version in a role; it becomes champion once every required role approved."""
+    from tasks import signoff
+
+    params = _params(profile, set_)
+    try:
+        status = signoff.approve(params, role, name, version)
+        signoff.publish_report(params, status["version"], prefect=False)
+    except (ValueError, PermissionError, LookupError) as exc:
+        _fail(str(exc))
+    console.print(f"{status['name']} version {status['version']}: approved by {', '.join(status['approved'])}")
+    if status["promoted"]:
+        console.print(f"[green]promoted to champion[/]")
+    else:
+        console.print(f"still needed for champion: {', '.join(status['missing'])}")
+
+
+@app.command("publish")
+def publish_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = SetOpt,
+                model: str = typer.Option("champion", help="alias or version number of the registered model")) -> None:
+    """Publish a registered model to the Hugging Face Hub (HF_TOKEN), or write the bundle locally."""
+    from serving.bundle import BundleError
+    from tasks.publish import PublishError, publish_bundle
+    from tasks.registry import download_bundle, tracking_uri
+
+    params = _params(profile, set_)
+    name = params.registry.model_name
+    uri = f"models:/{name}/{model}" if model.isdigit() else f"models:/{name}@{model}"
+    try:
+        bundle = download_bundle(uri, tracking_uri(params.root, params.mlflow.tracking_uri))
+        report = publish_bundle(bundle, params.publish, params.path(params.publish.out_dir))
+    except (BundleError, PublishError) as exc:
+        _fail(str(exc))
+    console.print(report.message, soft_wrap=True)
+
+
 @bench_app.command("segment")
 def bench_segment(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = SetOpt,
                   json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures here")) -> None:
@@ -128,18 +275,21 @@ def _params(profile: str | None, set_: list[str] | None):
 def train_codec_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = SetOpt,
                     resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint"),
                     max_steps: Optional[int] = typer.Option(None, help="stop after this many steps in all"),
-                    no_mlflow: bool = typer.Option(False, "--no-mlflow", help="do not log to MLflow")) -> None:
+                    no_mlflow: bool = typer.Option(False, "--no-mlflow", help="do not log to MLflow"),
+                    force: bool = ForceOpt) -> None:
     """Train TeluCodec on the corpus and score it on the test split."""
     from tasks.corpus_audio import CorpusError
     from tasks.train_codec import train_codec
 
     params = _params(profile, set_)
     try:
-        result = train_codec(params, resume=resume, max_steps=max_steps, track=not no_mlflow)
+        result = train_codec(params, resume=resume, max_steps=max_steps, track=not no_mlflow, force=force)
     except (CorpusError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     if result.metrics:
         _print_scores("codec (test split)", {"TeluCodec": result.metrics, **result.baselines})
+        if result.cached:
+            console.print("[dim]reused the finished run: corpus, settings and code unchanged (--force retrains)[/]")
         console.print(f"{result.steps} steps in {result.seconds:.0f} s, {result.bitrate_bps:.0f} bps; "
                       f"checkpoint {result.checkpoint}; MLflow run {result.run_id}")
 
@@ -148,18 +298,21 @@ def train_codec_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str
 def train_s2s_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = SetOpt,
                   resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint"),
                   max_steps: Optional[int] = typer.Option(None, help="stop after this many steps in all"),
-                  no_mlflow: bool = typer.Option(False, "--no-mlflow", help="do not log to MLflow")) -> None:
+                  no_mlflow: bool = typer.Option(False, "--no-mlflow", help="do not log to MLflow"),
+                  force: bool = ForceOpt) -> None:
     """Tokenize the corpus with the trained codec (if needed) and train the S2S transformer."""
     from tasks.corpus_audio import CorpusError
     from tasks.train_s2s import train_s2s
 
     params = _params(profile, set_)
     try:
-        result = train_s2s(params, resume=resume, max_steps=max_steps, track=not no_mlflow)
+        result = train_s2s(params, resume=resume, max_steps=max_steps, track=not no_mlflow, force=force)
     except (CorpusError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     if result.metrics:
         _print_scores("S2S (validation split)", {"S2S": result.metrics, "uniform": result.baselines})
+        if result.cached:
+            console.print("[dim]reused the finished run: tokens, settings and code unchanged (--force retrains)[/]")
         console.print(f"{result.steps} steps in {result.seconds:.0f} s; checkpoint {result.checkpoint}; "
                       f"MLflow run {result.run_id}")
 

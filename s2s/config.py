@@ -219,6 +219,7 @@ class ServingConfig(_Section):
     top_k: int | None
     max_reply_seconds: float
     max_utterance_seconds: float
+    min_reply_seconds: float
 
 
 class RegistryConfig(_Section):

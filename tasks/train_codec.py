@@ -9,6 +9,7 @@ with the checkpoint.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,8 +26,10 @@ from models.metrics import mel_distance, pesq_wb, si_sdr_db, snr_db, stoi
 from s2s.config import Params
 from tasks import atomic
 from tasks.corpus_audio import load_clips, random_crops
-from tasks.training import (RunTracker, autocast, cost_metrics, init_distributed, load_checkpoint, planned_steps,
-                            restore_rng, run_tags, save_checkpoint, select_device, step_generator, tracked)
+from tasks.stamps import code_hash
+from tasks.training import (RunTracker, autocast, cached_result, corpus_fingerprint, cost_metrics, init_distributed,
+                            load_checkpoint, planned_steps, restore_rng, run_tags, save_checkpoint, select_device,
+                            step_generator, tracked, write_stamp)
 
 COMMITMENT_WEIGHT = 1.0
 # Spectral losses alone leave the phase free: measured here, a smoke codec trained without the
@@ -43,6 +46,7 @@ class CodecTrainResult:
     metrics: dict[str, float]
     baselines: dict[str, dict[str, float]]
     run_id: str | None
+    cached: bool = False  # True when a finished run with the same stamp was reused
 
 
 def codec_config(params: Params) -> CodecConfig:
@@ -90,12 +94,28 @@ def evaluate_codec(model: TeluCodec, params: Params, device: torch.device) -> tu
     return score_signals(coded, sr), baselines
 
 
-def train_codec(params: Params, resume: bool = False, max_steps: int | None = None, track: bool = True) -> CodecTrainResult:
+def training_stamp(params: Params, max_steps: int | None, world_size: int) -> dict:
+    """Everything a finished codec run depends on: corpus, settings and the code that trains it."""
+    import models.codec, models.quantizer, models.streaming, tasks.corpus_audio, tasks.training  # noqa: E401
+
+    return {"stage": "codec", **corpus_fingerprint(params), "codec": params.codec.model_dump(mode="json"),
+            "train": params.codec_train.model_dump(mode="json"), "max_steps": max_steps, "world_size": world_size,
+            "code": code_hash(models.codec, models.quantizer, models.streaming, tasks.corpus_audio, tasks.training,
+                              sys.modules[__name__])}
+
+
+def train_codec(params: Params, resume: bool = False, max_steps: int | None = None, track: bool = True,
+                force: bool = False, parent_run_id: str | None = None) -> CodecTrainResult:
+    """Train (or, when a finished run has the same stamp and neither resume nor force is asked, reuse)."""
     cfg = params.codec_train
     device = select_device(cfg.device)
     dist_info = init_distributed(device)
     out_dir = params.path(cfg.out_dir)
     checkpoint_path = out_dir / "last.pt"
+    stamp = training_stamp(params, max_steps, dist_info.world_size)
+    if not (resume or force) and (cached := cached_result(out_dir, stamp)) is not None:
+        return CodecTrainResult(**{**cached, "cached": True})
+    (out_dir / "stamp.json").unlink(missing_ok=True)  # the checkpoint is about to change
     torch.manual_seed(cfg.seed)
 
     model = TeluCodec(codec_config(params)).to(device)
@@ -122,7 +142,8 @@ def train_codec(params: Params, resume: bool = False, max_steps: int | None = No
                           max_steps if max_steps is not None else cfg.max_steps)
 
     net = DistributedDataParallel(model) if dist_info.world_size > 1 else model
-    tracker = RunTracker.for_training(params, "codec", out_dir, dist_info.is_main, track, step, run_id)
+    tracker = RunTracker.for_training(params, "codec", out_dir, dist_info.is_main, track, step, run_id,
+                                      parent_run_id)
     started = time.monotonic()
     with tracked(tracker):
         tracker.log_params({**{f"codec.{k}": v for k, v in params.codec.model_dump().items()},
@@ -178,6 +199,7 @@ def train_codec(params: Params, resume: bool = False, max_steps: int | None = No
                              **cost_metrics(seconds, device, params.cost, dist_info.world_size)}, step)
         result = CodecTrainResult(str(checkpoint_path), step, seconds, model.bitrate(), metrics, baselines, tracker.run_id)
         atomic.write_json(out_dir / "result.json", asdict(result))
+        write_stamp(out_dir, stamp)  # after the result: a crash between leaves no false stamp
         tracker.log_artifact(checkpoint_path, "checkpoints")
         tracker.log_artifact(out_dir / "result.json")
     return result

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,8 +25,10 @@ from s2s.config import Params
 from tasks import atomic
 from tasks.corpus_audio import CorpusError
 from tasks.tokenize_corpus import load_tokens, tokenize_corpus
-from tasks.training import (RunTracker, autocast, cost_metrics, init_distributed, load_checkpoint, planned_steps,
-                            restore_rng, run_tags, save_checkpoint, select_device, step_generator, tracked)
+from tasks.stamps import code_hash
+from tasks.training import (RunTracker, autocast, cached_result, corpus_fingerprint, cost_metrics, init_distributed,
+                            load_checkpoint, planned_steps, restore_rng, run_tags, save_checkpoint, select_device,
+                            step_generator, tracked, write_stamp)
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class S2STrainResult:
     metrics: dict[str, float]
     baselines: dict[str, float]
     run_id: str | None
+    cached: bool = False  # True when a finished run with the same stamp was reused
 
 
 def s2s_config(params: Params, codec_config: dict) -> S2SConfig:
@@ -102,7 +106,20 @@ def evaluate_s2s(model: S2STransformer, pairs: list[Pair], device: torch.device,
     return {"cross_entropy": ce, "perplexity": math.exp(min(ce, 50.0)), "tokens": float(total_tokens)}
 
 
-def train_s2s(params: Params, resume: bool = False, max_steps: int | None = None, track: bool = True) -> S2STrainResult:
+def training_stamp(params: Params, tokens_dir: Path, max_steps: int | None, world_size: int) -> dict:
+    """Everything a finished S2S run depends on: the tokens (so the codec), pairs, settings, code."""
+    import models.s2s_transformer, tasks.tokenize_corpus, tasks.training  # noqa: E401
+
+    return {"stage": "s2s", **corpus_fingerprint(params), "tokens": json.loads((tokens_dir / "stamp.json").read_text()),
+            "s2s": params.s2s.model_dump(mode="json"), "train": params.s2s_train.model_dump(mode="json"),
+            "max_steps": max_steps, "world_size": world_size,
+            "code": code_hash(models.s2s_transformer, tasks.tokenize_corpus, tasks.training,
+                              sys.modules[__name__])}
+
+
+def train_s2s(params: Params, resume: bool = False, max_steps: int | None = None, track: bool = True,
+              force: bool = False, parent_run_id: str | None = None) -> S2STrainResult:
+    """Train (or, when a finished run has the same stamp and neither resume nor force is asked, reuse)."""
     cfg = params.s2s_train
     device = select_device(cfg.device)
     dist_info = init_distributed(device)
@@ -112,6 +129,11 @@ def train_s2s(params: Params, resume: bool = False, max_steps: int | None = None
     if dist_info.world_size > 1:
         torch.distributed.barrier()
     codec_config = json.loads((tokens_dir / "codec_config.json").read_text())
+    stamp = training_stamp(params, tokens_dir, max_steps, dist_info.world_size)
+    if not (resume or force) and (cached := cached_result(out_dir, stamp)) is not None:
+        return S2STrainResult(**{**cached, "cached": True})
+    if dist_info.is_main:
+        (out_dir / "stamp.json").unlink(missing_ok=True)  # the checkpoint is about to change
     torch.manual_seed(cfg.seed)
     config = s2s_config(params, codec_config)
     model = S2STransformer(config).to(device)
@@ -137,7 +159,8 @@ def train_s2s(params: Params, resume: bool = False, max_steps: int | None = None
                           max_steps if max_steps is not None else cfg.max_steps)
 
     net = DistributedDataParallel(model) if dist_info.world_size > 1 else model
-    tracker = RunTracker.for_training(params, "s2s", out_dir, dist_info.is_main, track, step, run_id)
+    tracker = RunTracker.for_training(params, "s2s", out_dir, dist_info.is_main, track, step, run_id,
+                                      parent_run_id)
     started = time.monotonic()
     with tracked(tracker):
         tracker.log_params({**{f"s2s.{k}": v for k, v in asdict(config).items()},
@@ -186,6 +209,7 @@ def train_s2s(params: Params, resume: bool = False, max_steps: int | None = None
                              **cost_metrics(seconds, device, params.cost, dist_info.world_size)}, step)
         result = S2STrainResult(str(checkpoint_path), step, seconds, metrics, baselines, tracker.run_id)
         atomic.write_json(out_dir / "result.json", asdict(result))
+        write_stamp(out_dir, stamp)  # after the result: a crash between leaves no false stamp
         tracker.log_artifact(checkpoint_path, "checkpoints")
         tracker.log_artifact(out_dir / "result.json")
     return result

@@ -140,6 +140,53 @@ def tracking_uri(root: Path, configured: str | None) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or configured or f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"
 
 
+def use_experiment(root: Path, uri: str | None, experiment: str) -> str:
+    """Point MLflow at the store and the experiment (created with artifacts under mlflow/)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(root, uri))
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
+        artifacts = root / "mlflow" / "artifacts"
+        artifacts.mkdir(parents=True, exist_ok=True)
+        experiment_id = mlflow.create_experiment(experiment, artifact_location=artifacts.as_uri())
+    else:
+        experiment_id = found.experiment_id
+    mlflow.set_experiment(experiment)
+    return experiment_id
+
+
+def corpus_fingerprint(params: Any) -> dict[str, str]:
+    """What a training stage's inputs are, for its stamp: the DVC hash and the manifest's and
+    pairs' content (the DVC hash alone is 'unversioned' when versioning is off)."""
+    from tasks.normalize import file_sha256
+
+    data = params.path(params.paths.data)
+    return {"corpus_hash": corpus_hash(params.root, data),
+            **{name: file_sha256(data / name) if (data / name).is_file() else "missing"
+               for name in ("manifest.csv", "pairs.jsonl")}}
+
+
+def cached_result(out_dir: Path, stamp: dict[str, Any]) -> dict[str, Any] | None:
+    """The stored result of a finished stage whose stamp equals `stamp`, else None.
+
+    This is what lets a re-run of the train flow (or the CLI, or dvc repro) skip a stage whose
+    corpus, settings and code are unchanged: result.json is written last, beside a stamp.json
+    of exactly those inputs, and the checkpoint it names must still exist.
+    """
+    stamp_path, result_path = out_dir / "stamp.json", out_dir / "result.json"
+    if not (stamp_path.is_file() and result_path.is_file()):
+        return None
+    if json.loads(stamp_path.read_text()) != json.loads(json.dumps(stamp, default=str)):
+        return None
+    result = json.loads(result_path.read_text())
+    return result if Path(result["checkpoint"]).is_file() and result.get("metrics") else None
+
+
+def write_stamp(out_dir: Path, stamp: dict[str, Any]) -> None:
+    atomic.write_text(out_dir / "stamp.json", json.dumps(stamp, indent=2, sort_keys=True, default=str) + "\n")
+
+
 class RunTracker:
     """An MLflow run on the main rank (nothing on the others), plus a local metrics.jsonl.
 
@@ -148,7 +195,8 @@ class RunTracker:
     """
 
     def __init__(self, main: bool, use_mlflow: bool, root: Path, uri: str | None, experiment: str, run_name: str,
-                 metrics_path: Path, resume_step: int, system_metrics: bool, run_id: str | None = None) -> None:
+                 metrics_path: Path, resume_step: int, system_metrics: bool, run_id: str | None = None,
+                 parent_run_id: str | None = None) -> None:
         self.main = main
         self.enabled = main and use_mlflow  # MLflow on the main rank only
         self.metrics_path = metrics_path
@@ -165,22 +213,19 @@ class RunTracker:
         import mlflow
 
         self.mlflow = mlflow
-        mlflow.set_tracking_uri(tracking_uri(root, uri))
-        if mlflow.get_experiment_by_name(experiment) is None:
-            artifacts = root / "mlflow" / "artifacts"
-            artifacts.mkdir(parents=True, exist_ok=True)
-            mlflow.create_experiment(experiment, artifact_location=artifacts.as_uri())
-        mlflow.set_experiment(experiment)
-        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name,
-                               log_system_metrics=system_metrics)
+        use_experiment(root, uri, experiment)
+        tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id and not run_id else None
+        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=tags,
+                               log_system_metrics=system_metrics, nested=mlflow.active_run() is not None)
         self.run_id = run.info.run_id
 
     @classmethod
     def for_training(cls, params: Any, stage: str, out_dir: Path, is_main: bool, use_mlflow: bool,
-                     resume_step: int, run_id: str | None) -> "RunTracker":
-        """The tracker of a training stage: its run (continued on resume) and its metrics.jsonl."""
+                     resume_step: int, run_id: str | None, parent_run_id: str | None = None) -> "RunTracker":
+        """The tracker of a training stage: its run (continued on resume, nested under the flow's
+        run when there is one) and its metrics.jsonl."""
         return cls(is_main, use_mlflow, params.root, params.mlflow.tracking_uri, params.mlflow.experiment, stage,
-                   out_dir / "metrics.jsonl", resume_step, params.mlflow.system_metrics, run_id)
+                   out_dir / "metrics.jsonl", resume_step, params.mlflow.system_metrics, run_id, parent_run_id)
 
     def log_params(self, params: dict[str, Any]) -> None:
         if self.enabled:

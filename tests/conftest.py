@@ -28,6 +28,8 @@ def project_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     subprocess.run(["git", "config", "user.email", "ci@example.invalid"], cwd=root, check=True)
     subprocess.run(["git", "config", "user.name", "ci"], cwd=root, check=True)
     monkeypatch.setenv("S2S_ROOT", str(root))
+    # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI: pin each test's own store explicitly
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow' / 'mlflow.db'}")
     return root
 
 

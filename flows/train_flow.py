@@ -1,0 +1,170 @@
+"""The train flow: codec -> codec gate -> S2S (tokenizing first) -> S2S gate -> bundle ->
+latency gate -> register.
+
+A gate that fails ends the flow there: the MLflow train run is tagged with the gate and its
+reason and ends FAILED, the Prefect run fails with the same message, and nothing is registered.
+Re-running with unchanged corpus, settings and code skips both trainings (their stamps match,
+see tasks.training.cached_result) and re-registering the same weights returns the existing
+version, so a re-run costs the gates' evaluation only.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run, task_run
+
+from s2s.config import Params, load_params
+from serving.bundle import export_bundle, load_bundle_dir, read_meta
+from tasks import atomic, flow_runs, gates
+from tasks.latency import measure_latency
+from tasks.registry import RegisteredVersion, register_bundle
+from tasks.train_codec import CodecTrainResult, train_codec
+from tasks.train_s2s import S2STrainResult, train_s2s
+from tasks.training import cost_metrics, select_device
+
+
+def with_thresholds(overrides: dict[str, Any] | None, thresholds: dict[str, Any] | None) -> dict[str, Any]:
+    """Gate thresholds set in the UI ({"codec": {"min_stoi": 0.5}}) as params overrides."""
+    merged = copy.deepcopy(overrides or {})
+    if thresholds:
+        merged.setdefault("gates", {})
+        for gate, values in thresholds.items():
+            merged["gates"].setdefault(gate, {}).update(values)
+    return merged
+
+
+def _resume_on_retry(checkpoint: Path) -> bool:
+    """A retried training task continues from its last checkpoint instead of starting over."""
+    return task_run.run_count > 1 and checkpoint.is_file()
+
+
+@task(name="train-codec", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
+def train_codec_task(params: Params, parent_run_id: str) -> CodecTrainResult:
+    resume = _resume_on_retry(params.path(params.codec_train.out_dir) / "last.pt")
+    return train_codec(params, resume=resume, parent_run_id=parent_run_id)
+
+
+@task(name="train-s2s", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
+def train_s2s_task(params: Params, parent_run_id: str) -> S2STrainResult:
+    resume = _resume_on_retry(params.path(params.s2s_train.out_dir) / "last.pt")
+    return train_s2s(params, resume=resume, parent_run_id=parent_run_id)
+
+
+@task(name="gate", cache_policy=NO_CACHE, task_run_name="{result.name}-gate")
+def gate_task(params: Params, run_id: str, result: gates.GateResult) -> gates.GateResult:
+    """Record a gate in MLflow and Prefect; raise GateFailed (after marking the run) if it failed."""
+    flow_runs.log_gate(params, run_id, result)
+    create_table_artifact(key=f"gate-{result.name}", table=result.rows(),
+                          description=f"{result.name} gate: {'passed' if result.passed else 'FAILED: ' + result.reason}")
+    if not result.passed:
+        flow_runs.reject_run(params, run_id, result)
+        raise gates.GateFailed(result)
+    return result
+
+
+@task(name="export-bundle", cache_policy=NO_CACHE)
+def bundle_task(params: Params, codec: CodecTrainResult, s2s: S2STrainResult, meta: dict[str, Any]) -> Path:
+    """The candidate bundle from both checkpoints (rewritten only when the checkpoints changed)."""
+    out = params.path(params.paths.artifacts) / "bundle"
+    sources = {"codec": codec.checkpoint, "s2s": s2s.checkpoint, "codec_run": codec.run_id, "s2s_run": s2s.run_id}
+    if (out / "bundle.json").is_file() and read_meta(out).get("sources") == sources:
+        atomic.write_json(out / "bundle.json", {**read_meta(out), **meta, "sources": sources})
+        return out
+    return export_bundle(Path(codec.checkpoint), Path(s2s.checkpoint), out, {**meta, "sources": sources})
+
+
+@task(name="measure-latency", cache_policy=NO_CACHE)
+def latency_task(params: Params, bundle_dir: Path) -> dict[str, float]:
+    return measure_latency(load_bundle_dir(bundle_dir), params)
+
+
+@task(name="register", cache_policy=NO_CACHE)
+def register_task(params: Params, bundle_dir: Path, evaluation: dict[str, Any], tags: dict[str, str],
+                  parent_run_id: str) -> RegisteredVersion:
+    return register_bundle(bundle_dir, params, evaluation, tags, parent_run_id)
+
+
+def training_costs(params: Params, codec: CodecTrainResult, s2s: S2STrainResult) -> dict[str, float]:
+    codec_cost = cost_metrics(codec.seconds, select_device(params.codec_train.device), params.cost, 1)
+    s2s_cost = cost_metrics(s2s.seconds, select_device(params.s2s_train.device), params.cost, 1)
+    return {"codec_hours": codec_cost["wall_hours"], "codec_usd": codec_cost["cost_usd"],
+            "s2s_hours": s2s_cost["wall_hours"], "s2s_usd": s2s_cost["cost_usd"],
+            "total_usd": codec_cost["cost_usd"] + s2s_cost["cost_usd"]}
+
+
+def summary_markdown(result: dict[str, Any]) -> str:
+    lines = [f"# Train flow ({result['profile']})", "",
+             f"**Registered:** `{result['model']}` version {result['version']} "
+             f"({', '.join(result['aliases']) or 'no alias'}){' (already registered)' if result['reused'] else ''}",
+             "", "| gate | passed |", "|---|---|"]
+    lines += [f"| {name} | {'yes' if gate['passed'] else 'no'} |" for name, gate in result["gates"].items()]
+    lines += ["", "| stage | metric | value |", "|---|---|---|"]
+    for stage, values in result["metrics"].items():
+        if stage == "codec_baselines":
+            continue
+        lines += [f"| {stage} | {k} | {v:.4g} |" for k, v in values.items() if isinstance(v, (int, float))]
+    lines += ["", "Stages reused (inputs unchanged): " + (", ".join(result["cached"]) or "none"), "",
+              *(f"- {k}: {v}" for k, v in result["links"].items())]
+    return "\n".join(lines) + "\n"
+
+
+@flow(name="train", log_prints=True)
+def train_flow(profile: str = "smoke", overrides: dict[str, Any] | None = None,
+               thresholds: dict[str, Any] | None = None, parent_run_id: str | None = None) -> dict[str, Any]:
+    """Train, gate and register a candidate; return its version, gates and metrics."""
+    started = time.monotonic()
+    logger = get_run_logger()
+    params = load_params(profile, with_thresholds(overrides, thresholds))
+    run_id = flow_runs.open_run(params, "train", parent_run_id)
+    try:
+        codec = train_codec_task(params, run_id)
+        codec_gate = gate_task(params, run_id, gates.codec_gate(codec.metrics, codec.baselines, params.gates.codec))
+        s2s = train_s2s_task(params, run_id)
+        s2s_gate = gate_task(params, run_id, gates.s2s_gate(s2s.metrics, params.codec.codebook_size, params.gates.s2s))
+        tags = flow_runs.flow_run_tags(params, "candidate")
+        tags |= {"codec_run_id": str(codec.run_id), "s2s_run_id": str(s2s.run_id), "train_run_id": run_id}
+        metrics = {"codec": codec.metrics, "codec_baselines": codec.baselines,
+                   "s2s": {k: v for k, v in s2s.metrics.items() if k != "tokens"},
+                   "cost": training_costs(params, codec, s2s)}
+        bundle = bundle_task(params, codec, s2s, {"model_name": params.registry.model_name, **tags,
+                                                  "bitrate_bps": codec.bitrate_bps})
+        latency = latency_task(params, bundle)
+        metrics["latency"] = latency
+        latency_gate = gate_task(params, run_id, gates.latency_gate(latency, params.gates.latency))
+        evaluation = {"metrics": metrics, "gates": {g.name: g.to_dict() for g in (codec_gate, s2s_gate, latency_gate)},
+                      "profile": params.profile, "corpus": flow_runs.corpus_facts(params),
+                      "runs": {"train": run_id, "codec": codec.run_id, "s2s": s2s.run_id}}
+        atomic.write_json(bundle / "bundle.json", {**read_meta(bundle), "metrics": metrics,
+                                                   "gates": evaluation["gates"]})
+        version = register_task(params, bundle, evaluation, tags, run_id)
+    except gates.GateFailed as exc:
+        logger.error("candidate refused: %s", exc)
+        raise
+    except BaseException:
+        flow_runs.close_run(params, run_id, "FAILED")
+        raise
+    flow_runs.log_metrics(params, run_id, {f"{stage}.{k}": v for stage, values in metrics.items()
+                                           if stage != "codec_baselines" for k, v in values.items()})
+    flow_runs.set_tags(params, run_id, {"registered_model": version.name, "registered_version": version.version})
+    flow_runs.close_run(params, run_id)
+    result = {"profile": params.profile, "model": version.name, "version": version.version,
+              "aliases": version.aliases, "reused": version.reused, "run_id": run_id, "bundle": str(bundle),
+              "gates": evaluation["gates"], "metrics": metrics,
+              "cached": [name for name, r in (("codec", codec), ("s2s", s2s)) if r.cached],
+              "seconds": round(time.monotonic() - started, 1),
+              "links": flow_runs.ui_links(params, str(flow_run.id) if flow_run.id else None, version.version)}
+    create_markdown_artifact(key="train-summary", markdown=summary_markdown(result),
+                             description="Candidate trained, gated and registered by the train flow")
+    create_table_artifact(key="train-metrics", description="Metrics of the candidate, by stage",
+                          table=[{"stage": s, "metric": k, "value": round(float(v), 5)}
+                                 for s, values in metrics.items() if s != "codec_baselines"
+                                 for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)])
+    return result

@@ -1,0 +1,37 @@
+"""The registered model as an MLflow pyfunc: `mlflow.pyfunc.load_model("models:/telugu-s2s@champion")`.
+
+The weights travel as the `bundle` artifact (serving/bundle.py) rather than as a torch.export
+program: the model is stateful and streams (encoder state, KV cache, decoder state), which an
+exported graph does not carry. `predict` answers whole turns through the same ReplySession the
+server uses; streaming callers load the bundle with serving.bundle.load_bundle instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+
+from serving.bundle import ModelBundle, load_bundle_dir
+from serving.session import GenerationSettings, ReplySession
+
+
+class TeluS2SModel(mlflow.pyfunc.PythonModel):
+    """Input rows: audio (float samples at the model's rate), speaker, emotion. Output rows: the
+    reply audio and its sample rate."""
+
+    bundle: ModelBundle
+
+    def load_context(self, context: Any) -> None:
+        self.bundle = load_bundle_dir(context.artifacts["bundle"])
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        settings = GenerationSettings(**(params or {}))
+        replies = []
+        for row in model_input.to_dict("records"):
+            session = ReplySession(self.bundle, row.get("speaker", "female_young"), row.get("emotion", "neutral"),
+                                   settings, seed=int(row.get("seed", 0)))
+            replies.append(session.reply(np.asarray(row["audio"], dtype=np.float32)).tolist())
+        return pd.DataFrame({"audio": replies, "sample_rate": self.bundle.sample_rate})

@@ -1,0 +1,147 @@
+"""One conversation with the model: the user's speech in as it arrives, the spoken reply out frame
+by frame. The state is explicit (encoder state, the user's codes so far, the voice), in the manner
+of kyutai's streaming modules, so that the WebSocket app, the latency gate and the pyfunc model
+all run exactly this code.
+
+Timeline of a turn:
+    feed(chunk) ...        the codec encodes the user's audio while it arrives (encode_step), so
+                           at the end of the utterance only the last partial frame is left to code
+    end_of_utterance()     flush that frame, then the S2S model generates the reply with its KV
+                           cache and every completed frame of codes is decoded at once
+                           (decode_step): the first audio leaves after the prefill, K delay steps
+                           and one decoder step, not after the whole reply
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from s2s.labels import EMOTIONS, SPEAKERS
+from serving.bundle import ModelBundle
+
+
+class SessionError(ValueError):
+    """Input a session refuses; `code` is a stable name a protocol can send back."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    temperature: float = 0.8
+    top_k: int | None = 50
+    max_reply_seconds: float = 8.0
+    max_utterance_seconds: float = 15.0
+    min_reply_seconds: float = 0.2  # no empty replies: EOS is held back this long
+
+    @classmethod
+    def from_params(cls, serving: Any) -> "GenerationSettings":
+        return cls(serving.temperature, serving.top_k, serving.max_reply_seconds, serving.max_utterance_seconds,
+                   serving.min_reply_seconds)
+
+
+def check_voice(speaker: str, emotion: str) -> tuple[int, int]:
+    """The ids of a checklist speaker and emotion, or a SessionError naming the valid ones."""
+    if speaker not in SPEAKERS:
+        raise SessionError("unknown_speaker", f"unknown speaker {speaker!r}: one of {', '.join(SPEAKERS)}")
+    if emotion not in EMOTIONS:
+        raise SessionError("unknown_emotion", f"unknown emotion {emotion!r}: one of {', '.join(EMOTIONS)}")
+    return SPEAKERS.index(speaker), EMOTIONS.index(emotion)
+
+
+class ReplySession:
+    """A user's turns in, spoken replies out, in a chosen speaker's voice and emotion."""
+
+    def __init__(self, bundle: ModelBundle, speaker: str = "female_young", emotion: str = "neutral",
+                 settings: GenerationSettings | None = None, seed: int | None = None) -> None:
+        self.bundle = bundle
+        self.settings = settings or GenerationSettings()
+        self.device = next(bundle.codec.parameters()).device
+        self.generator = torch.Generator(device=self.device)
+        if seed is not None:
+            self.generator.manual_seed(seed)
+        self.set_voice(speaker, emotion)
+        self.hop = bundle.codec.hop_length
+        self._reset_turn()
+
+    def set_voice(self, speaker: str, emotion: str) -> None:
+        """Choose the voice of the next reply (it may change at every turn)."""
+        self.speaker_id, self.emotion_id = check_voice(speaker, emotion)
+        self.speaker, self.emotion = speaker, emotion
+
+    def _reset_turn(self) -> None:
+        self.encoder_state = self.bundle.codec.init_encoder_state(1)
+        self.pending = np.zeros(0, dtype=np.float32)  # samples not yet a whole hop
+        self.codes: list[torch.Tensor] = []
+        self.samples_in = 0
+
+    @property
+    def utterance_seconds(self) -> float:
+        return self.samples_in / self.bundle.sample_rate
+
+    @torch.inference_mode()
+    def feed(self, audio: np.ndarray) -> None:
+        """Take float32 mono audio at the model's sample rate; code every whole frame it completes."""
+        audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+        limit = self.settings.max_utterance_seconds
+        if (self.samples_in + len(audio)) / self.bundle.sample_rate > limit:
+            raise SessionError("utterance_too_long", f"utterance longer than {limit:g} s: send end of utterance sooner")
+        self.samples_in += len(audio)
+        self.pending = np.concatenate([self.pending, audio])
+        whole = len(self.pending) - len(self.pending) % self.hop
+        if whole:
+            self._encode(self.pending[:whole])
+            self.pending = self.pending[whole:]
+
+    def _encode(self, samples: np.ndarray) -> None:
+        wav = torch.from_numpy(np.ascontiguousarray(samples))[None, None].to(self.device)
+        codes, self.encoder_state = self.bundle.codec.encode_step(wav, self.encoder_state)
+        if codes.shape[-1]:
+            self.codes.append(codes)
+
+    @torch.inference_mode()
+    def end_of_utterance(self) -> Iterator[np.ndarray]:
+        """Stream the reply: float32 chunks of one codec frame each, as soon as each is decoded.
+
+        The turn is over when the generator is exhausted or closed; the session is then ready
+        for the next utterance.
+        """
+        try:
+            if len(self.pending):
+                self._encode(np.pad(self.pending, (0, self.hop - len(self.pending))))
+            if not self.codes:
+                raise SessionError("empty_utterance", "end of utterance before any audio: nothing to reply to")
+            user = torch.cat(self.codes, dim=-1)
+            model = self.bundle.s2s
+            reply_frames, room = self.budget(model.config.max_len - model.config.sequence_length(0, 0))
+            user = user[:, :, -room:]  # the end of a long turn is what the reply answers
+            speaker = torch.tensor([self.speaker_id], device=self.device)
+            emotion = torch.tensor([self.emotion_id], device=self.device)
+            decoder_state = self.bundle.codec.init_decoder_state(1)
+            min_frames = min(reply_frames, int(self.settings.min_reply_seconds * self.bundle.codec.frame_rate))
+            frames = model.generate(user, speaker, emotion, reply_frames, self.settings.temperature,
+                                    self.settings.top_k, self.generator, min_frames)
+            for frame in frames:
+                audio, decoder_state = self.bundle.codec.decode_step(frame, decoder_state)
+                yield audio[0, 0].float().cpu().numpy()
+        finally:
+            self._reset_turn()
+
+    def budget(self, positions: int) -> tuple[int, int]:
+        """(reply frames, user frames) that fit the model's context: the reply gets what the
+        settings ask for, but at most half, so a long user turn is cropped rather than refused."""
+        wanted = max(1, int(self.settings.max_reply_seconds * self.bundle.codec.frame_rate))
+        reply = min(wanted, positions // 2)
+        return reply, positions - reply
+
+    def reply(self, audio: np.ndarray) -> np.ndarray:
+        """A whole turn at once: the user's audio in, the complete reply out (for batch use)."""
+        self.feed(audio)
+        chunks = list(self.end_of_utterance())
+        return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)

@@ -1,0 +1,121 @@
+"""The train flow through Prefect: gates, registry aliases, nested MLflow runs, re-runs that
+reuse finished stages, a refused candidate, sign-off and promotion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from s2s.config import load_params
+
+from .test_training import TINY, tiny_corpus  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.slow
+
+LENIENT = {  # a tiny model trained for seconds passes these; the production figures come from params.yaml
+    "codec": {"min_snr_db": -100.0, "max_mel_distance": 100.0, "min_stoi": -1.0, "min_pesq_wb": None,
+              "beat_baseline": False},
+    "s2s": {"max_cross_entropy": 100.0, "max_perplexity": 1e9, "max_uniform_ratio": 100.0},
+    "latency": {"max_mean_ms": 2000.0, "max_p95_ms": 5000.0, "max_std_ms": 2000.0},  # a busy CI runner
+}
+
+
+def _client(project_root: Path):
+    from tasks.registry import mlflow_client
+
+    return mlflow_client(load_params("smoke", root=project_root))
+
+
+def test_train_flow_registers_a_gated_candidate_and_reruns_from_cache(tiny_corpus: Path, project_root: Path,
+                                                                       prefect_harness, one_thread):
+    import mlflow
+
+    from flows.train_flow import train_flow
+    from serving.bundle import load_bundle
+
+    result = train_flow(profile="smoke", overrides=TINY, thresholds=LENIENT)
+    assert result["version"] == "1" and set(result["aliases"]) == {"challenger", "champion"}
+    assert all(g["passed"] for g in result["gates"].values()) and set(result["gates"]) == {"codec", "s2s", "latency"}
+    assert result["metrics"]["latency"]["turns"] == 10 and result["metrics"]["latency"]["first_audio_mean_ms"] > 0
+    assert result["cached"] == []
+
+    client = _client(project_root)
+    version = client.get_model_version("telugu-s2s", "1")
+    assert version.tags["gates_passed"] == "true" and version.tags["gate.latency"] == "passed"
+    assert float(version.tags["s2s.perplexity"]) == pytest.approx(result["metrics"]["s2s"]["perplexity"], rel=1e-3)
+    assert version.tags["corpus_hash"] == "unversioned" and version.tags["git_commit"]
+
+    # every stage is a run nested under the train run
+    train_run = result["run_id"]
+    children = client.search_runs([client.get_run(train_run).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{train_run}'")
+    assert {r.data.tags["stage"] for r in children} == {"codec", "s2s", "register"}
+    assert client.get_run(train_run).data.tags["gate.codec"] == "passed"
+
+    # loadable by MLflow's pyfunc loader and by the project's own loader
+    model = mlflow.pyfunc.load_model("models:/telugu-s2s@champion")
+    speech = np.sin(np.linspace(0, 400, 16000)).astype(np.float32) * 0.1
+    reply = model.predict(pd.DataFrame({"audio": [speech.tolist()], "speaker": ["female_young"],
+                                        "emotion": ["happy"]}), params={"max_reply_seconds": 0.5})
+    assert reply["sample_rate"][0] == 16000 and 0 < len(reply["audio"][0]) <= 8000
+    bundle = load_bundle("models:/telugu-s2s@champion")
+    assert bundle.codec.config.n_codebooks == TINY["codec"]["n_codebooks"]
+
+    # a re-run with nothing changed trains nothing and registers nothing new
+    again = train_flow(profile="smoke", overrides=TINY, thresholds=LENIENT)
+    assert again["cached"] == ["codec", "s2s"] and again["reused"] and again["version"] == "1"
+    assert len(client.search_model_versions("name = 'telugu-s2s'")) == 1
+
+
+def test_a_bad_candidate_is_refused_and_never_registered(tiny_corpus: Path, project_root: Path, prefect_harness,
+                                                         one_thread):
+    from flows.train_flow import train_flow
+    from tasks.gates import GateFailed
+
+    strict = {**LENIENT, "codec": {**LENIENT["codec"], "min_stoi": 0.99}}
+    with pytest.raises(GateFailed, match=r"codec gate failed: stoi .* misses >= 0.99"):
+        train_flow(profile="smoke", overrides=TINY, thresholds=strict)
+
+    client = _client(project_root)
+    runs = client.search_runs([client.get_experiment_by_name("telugu-s2s").experiment_id],
+                              "tags.stage = 'train'")
+    [run] = runs
+    assert run.info.status == "FAILED" and run.data.tags["rejected_by"] == "codec"
+    assert "stoi" in run.data.tags["rejection_reason"] and run.data.tags["gate.codec"] == "failed"
+    assert client.search_model_versions("name = 'telugu-s2s'") == []
+    assert not (project_root / "artifacts" / "s2s" / "result.json").exists(), "stopped before S2S training"
+
+
+def test_signoff_needs_every_required_role_before_champion(tiny_corpus: Path, project_root: Path, prefect_harness,
+                                                           one_thread):
+    from flows.train_flow import train_flow
+    from tasks import signoff
+
+    manual = {**TINY, "registry": {"auto_promote": False, "required_roles": ["technical_lead", "project_manager"]}}
+    result = train_flow(profile="smoke", overrides=manual, thresholds=LENIENT)
+    assert result["aliases"] == ["challenger"], "no champion without sign-off"
+    params = load_params("smoke", manual)
+
+    markdown, path = signoff.publish_report(params, prefect=True)
+    assert path.is_file() and "| Codec SNR > 30 dB | >= 30 |" in markdown
+    perplexity = result["metrics"]["s2s"]["perplexity"]
+    assert f"| S2S perplexity < 10 | <= 10 | {perplexity:.4g} |" in markdown
+    assert "| MOS > 4.0 | >= 4 | — | — not measured |" in markdown, "nothing is ticked without a figure"
+    assert "| technical_lead | pending |" in markdown
+
+    with pytest.raises(ValueError, match="unknown role 'cto'"):
+        signoff.approve(params, "cto", "Ravi")
+    first = signoff.approve(params, "technical_lead", "Lakshmi")
+    assert not first["promoted"] and first["missing"] == ["project_manager"]
+    second = signoff.approve(params, "project_manager", "Ravi")
+    assert second["promoted"]
+    client = _client(project_root)
+    assert str(client.get_model_version_by_alias("telugu-s2s", "champion").version) == result["version"]
+    markdown, _ = signoff.publish_report(params, prefect=False)
+    assert "| technical_lead | Lakshmi |" in markdown and "| project_manager | Ravi |" in markdown
+    run_artifacts = {a.path for a in client.list_artifacts(client.get_model_version("telugu-s2s", "1").run_id,
+                                                           "signoff")}
+    assert "signoff/report-v1.md" in run_artifacts
