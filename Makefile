@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.setup-stamp
 PROFILE ?= smoke
 
-.PHONY: setup pipeline test clean-artifacts
+.PHONY: setup pipeline test ui clean-artifacts
 
 setup: $(STAMP)
 
@@ -13,7 +13,10 @@ $(STAMP): pyproject.toml constraints.txt scripts/setup.sh
 	touch $(STAMP)
 
 pipeline: setup
-	$(VENV)/bin/s2s flow data --profile $(PROFILE)
+	$(VENV)/bin/s2s flow pipeline --profile $(PROFILE)
+
+ui: setup
+	bash scripts/ui.sh
 
 test: setup
 	$(VENV)/bin/python -m pytest

@@ -22,13 +22,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run, task_run
 
 from s2s.config import Params, load_params
-from serving.bundle import export_bundle, load_bundle_dir, read_meta
-from tasks import atomic, flow_runs, gates
+from serving.bundle import load_bundle_dir, read_meta
+from tasks import atomic, candidate, flow_runs, gates
 from tasks.latency import measure_latency
 from tasks.registry import RegisteredVersion, register_bundle
 from tasks.train_codec import CodecTrainResult, train_codec
 from tasks.train_s2s import S2STrainResult, train_s2s
-from tasks.training import cost_metrics, select_device
 
 
 def with_thresholds(overrides: dict[str, Any] | None, thresholds: dict[str, Any] | None) -> dict[str, Any]:
@@ -72,13 +71,7 @@ def gate_task(params: Params, run_id: str, result: gates.GateResult) -> gates.Ga
 
 @task(name="export-bundle", cache_policy=NO_CACHE)
 def bundle_task(params: Params, codec: CodecTrainResult, s2s: S2STrainResult, meta: dict[str, Any]) -> Path:
-    """The candidate bundle from both checkpoints (rewritten only when the checkpoints changed)."""
-    out = params.path(params.paths.artifacts) / "bundle"
-    sources = {"codec": codec.checkpoint, "s2s": s2s.checkpoint, "codec_run": codec.run_id, "s2s_run": s2s.run_id}
-    if (out / "bundle.json").is_file() and read_meta(out).get("sources") == sources:
-        atomic.write_json(out / "bundle.json", {**read_meta(out), **meta, "sources": sources})
-        return out
-    return export_bundle(Path(codec.checkpoint), Path(s2s.checkpoint), out, {**meta, "sources": sources})
+    return candidate.export_candidate(params, codec, s2s, meta)
 
 
 @task(name="measure-latency", cache_policy=NO_CACHE)
@@ -90,14 +83,6 @@ def latency_task(params: Params, bundle_dir: Path) -> dict[str, float]:
 def register_task(params: Params, bundle_dir: Path, evaluation: dict[str, Any], tags: dict[str, str],
                   parent_run_id: str) -> RegisteredVersion:
     return register_bundle(bundle_dir, params, evaluation, tags, parent_run_id)
-
-
-def training_costs(params: Params, codec: CodecTrainResult, s2s: S2STrainResult) -> dict[str, float]:
-    codec_cost = cost_metrics(codec.seconds, select_device(params.codec_train.device), params.cost, 1)
-    s2s_cost = cost_metrics(s2s.seconds, select_device(params.s2s_train.device), params.cost, 1)
-    return {"codec_hours": codec_cost["wall_hours"], "codec_usd": codec_cost["cost_usd"],
-            "s2s_hours": s2s_cost["wall_hours"], "s2s_usd": s2s_cost["cost_usd"],
-            "total_usd": codec_cost["cost_usd"] + s2s_cost["cost_usd"]}
 
 
 def summary_markdown(result: dict[str, Any]) -> str:
@@ -133,7 +118,7 @@ def train_flow(profile: str = "smoke", overrides: dict[str, Any] | None = None,
         tags |= {"codec_run_id": str(codec.run_id), "s2s_run_id": str(s2s.run_id), "train_run_id": run_id}
         metrics = {"codec": codec.metrics, "codec_baselines": codec.baselines,
                    "s2s": {k: v for k, v in s2s.metrics.items() if k != "tokens"},
-                   "cost": training_costs(params, codec, s2s)}
+                   "cost": candidate.training_costs(params, codec, s2s)}
         bundle = bundle_task(params, codec, s2s, {"model_name": params.registry.model_name, **tags,
                                                   "bitrate_bps": codec.bitrate_bps})
         latency = latency_task(params, bundle)

@@ -188,6 +188,40 @@ def flow_pipeline(profile: Optional[str] = ProfileOpt,
                   f"(flow {result['seconds']} s)")
 
 
+@app.command("gates")
+def gates_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = SetOpt,
+              threshold: Optional[list[str]] = ThresholdOpt) -> None:
+    """Gate the trained candidate without Prefect (the dvc.yaml `gates` stage): codec, S2S, then
+    latency through the serving path; writes artifacts/gates.json; exit code 1 when one fails."""
+    from serving.bundle import load_bundle_dir
+    from tasks import atomic, candidate, gates
+    from tasks.latency import measure_latency
+
+    overrides = parse_overrides(set_)
+    if threshold:
+        overrides.setdefault("gates", {}).update(_thresholds(threshold))
+    try:
+        params = load_params(profile, overrides)
+        codec, s2s = candidate.load_results(params)
+    except (ConfigError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    results = [gates.codec_gate(codec.metrics, codec.baselines, params.gates.codec),
+               gates.s2s_gate(s2s.metrics, params.codec.codebook_size, params.gates.s2s)]
+    latency = {}
+    if all(g.passed for g in results):
+        bundle = candidate.export_candidate(params, codec, s2s, {"model_name": params.registry.model_name})
+        latency = measure_latency(load_bundle_dir(bundle), params)
+        results.append(gates.latency_gate(latency, params.gates.latency))
+    report = {"passed": all(g.passed for g in results) and len(results) == 3, "latency": latency,
+              "gates": {g.name: g.to_dict() for g in results}}
+    atomic.write_json(params.path(params.paths.artifacts) / "gates.json", report)
+    for gate in results:
+        console.print(f"{gate.name}: " + ("[green]passed[/]" if gate.passed else f"[red]failed[/]: {gate.reason}"),
+                      soft_wrap=True)
+    if not report["passed"]:
+        raise typer.Exit(code=1)
+
+
 @signoff_app.command("report")
 def signoff_report(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = SetOpt,
                    version: Optional[str] = typer.Option(None, help="model version (default: the challenger)"),

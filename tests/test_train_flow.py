@@ -119,3 +119,38 @@ def test_signoff_needs_every_required_role_before_champion(tiny_corpus: Path, pr
     run_artifacts = {a.path for a in client.list_artifacts(client.get_model_version("telugu-s2s", "1").run_id,
                                                            "signoff")}
     assert "signoff/report-v1.md" in run_artifacts
+
+
+def test_dvc_repro_rebuilds_and_gates_the_model_without_prefect(tiny_corpus: Path, project_root: Path):
+    """The real dvc.yaml stages, their commands given the tiny model's settings, run by `dvc repro`."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from .conftest import REPO
+    from .test_training import _sets
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    lenient = [f"--threshold={g}.{k}={json.dumps(v)}" for g, values in LENIENT.items() for k, v in values.items()]
+    for name in ("codec", "s2s", "gates"):
+        stage = stages["stages"][name]
+        assert stage["cmd"].startswith("s2s "), "stages call the task CLIs"
+        stage["cmd"] = " ".join([stage["cmd"], *_sets(TINY), *(lenient if name == "gates" else [])])
+    (project_root / "dvc.yaml").write_text(yaml.safe_dump(stages))
+    for folder in ("models", "tasks", "serving"):
+        (project_root / folder).symlink_to(REPO / folder)
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run([*dvc, "init", "-q"], cwd=project_root, check=True, env=env)
+    first = subprocess.run([*dvc, "repro", "gates"], cwd=project_root, env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    report = json.loads((project_root / "artifacts" / "gates.json").read_text())
+    assert report["passed"] and set(report["gates"]) == {"codec", "s2s", "latency"}
+    assert (project_root / "artifacts" / "bundle" / "bundle.json").is_file()
+
+    again = subprocess.run([*dvc, "repro", "gates"], cwd=project_root, env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and "didn't change, skipping" in again.stdout, again.stdout[-2000:]
