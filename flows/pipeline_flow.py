@@ -58,7 +58,13 @@ def pipeline_flow(profile: str = "smoke", sources_file: str | None = None, overr
         log_data_task(params, corpus, run_id)
         trained = train_flow(profile=profile, overrides=overrides, thresholds=thresholds, parent_run_id=run_id)
         report_path = signoff_task(params, trained["version"])
-        published = publish_task(params, Path(trained["bundle"]), run_id) if publish and params.publish.enabled else None
+        published = None
+        if publish and params.publish.enabled:
+            if "champion" in trained["aliases"]:
+                published = publish_task(params, Path(trained["bundle"]), run_id)
+            else:  # only a signed-off model leaves the building
+                published = {"mode": "skipped", "message": f"version {trained['version']} is not champion yet: "
+                             "publish it after sign-off with `s2s publish`"}
     except BaseException as exc:
         flow_runs.set_tags(params, run_id, {"failure": str(exc)[:4000]})
         flow_runs.close_run(params, run_id, "FAILED")
