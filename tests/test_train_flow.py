@@ -11,7 +11,7 @@ import pytest
 
 from s2s.config import load_params
 
-from .test_training import TINY, tiny_corpus  # noqa: F401  (fixture)
+from .test_training import TINY, _sets, tiny_corpus  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -63,6 +63,10 @@ def test_train_flow_registers_a_gated_candidate_and_reruns_from_cache(tiny_corpu
     assert reply["sample_rate"][0] == 16000 and 0 < len(reply["audio"][0]) <= 8000
     bundle = load_bundle("models:/telugu-s2s@champion")
     assert bundle.codec.config.n_codebooks == TINY["codec"]["n_codebooks"]
+    from serving.bundle import BundleError
+
+    with pytest.raises(BundleError, match="cannot load models:/telugu-s2s@nobody"):
+        load_bundle("models:/telugu-s2s@nobody")
 
     # a re-run with nothing changed trains nothing and registers nothing new
     again = train_flow(profile="smoke", overrides=TINY, thresholds=LENIENT)
@@ -116,6 +120,14 @@ def test_signoff_needs_every_required_role_before_champion(tiny_corpus: Path, pr
     assert str(client.get_model_version_by_alias("telugu-s2s", "champion").version) == result["version"]
     markdown, _ = signoff.publish_report(params, prefect=False)
     assert "| technical_lead | Lakshmi |" in markdown and "| project_manager | Ravi |" in markdown
+    from typer.testing import CliRunner
+
+    from s2s.cli import app
+
+    refused = CliRunner().invoke(app, ["signoff", "approve", "--role", "cto", "--name", "X"])
+    assert refused.exit_code == 2 and "unknown role 'cto'" in refused.output
+    shown = CliRunner().invoke(app, ["signoff", "report", "--no-prefect", *_sets(manual)])
+    assert shown.exit_code == 0 and "# Sign-off: telugu-s2s version 1" in shown.output
     run_artifacts = {a.path for a in client.list_artifacts(client.get_model_version("telugu-s2s", "1").run_id,
                                                            "signoff")}
     assert "signoff/report-v1.md" in run_artifacts
