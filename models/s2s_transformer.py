@@ -224,6 +224,39 @@ class KVCache:
         return self.keys[0].shape[2]
 
 
+@dataclass
+class SlotCache:
+    """Streaming state of many independent sequences (rows), each at its own position: what lets
+    a server step every live conversation in one batch. Rows 0..n-1 are the live ones; a row that
+    ends is refilled by moving the last live row into it (`move_row`), so a batch is always a
+    contiguous slice and the keys are read in place, never gathered."""
+
+    keys: list[Tensor]    # per layer (rows, H, capacity, D)
+    values: list[Tensor]
+    lengths: Tensor       # (rows,) positions filled in each row
+
+    @property
+    def rows(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def row_view(self, row: int) -> KVCache:
+        """Row `row` as a one-sequence KVCache writing into this cache (for a prefill)."""
+        return KVCache([k[row: row + 1] for k in self.keys], [v[row: row + 1] for v in self.values],
+                       int(self.lengths[row]))
+
+    def move_row(self, src: int, dst: int) -> None:
+        if src != dst:
+            length = int(self.lengths[src]) or 1
+            for k, v in zip(self.keys, self.values):
+                k[dst, :, :length] = k[src, :, :length]
+                v[dst, :, :length] = v[src, :, :length]
+            self.lengths[dst] = self.lengths[src]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: S2SConfig) -> None:
         super().__init__()
@@ -244,6 +277,21 @@ class CausalSelfAttention(nn.Module):
             v = cache.values[layer][:, :, : start + length]
         y = attend(q, k, v, start, self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(batch, length, d_model))
+
+
+    def step_rows(self, x: Tensor, cos: Tensor, sin: Tensor, cache: SlotCache, layer: int, rows: slice,
+                  positions: Tensor, mask: Tensor) -> Tensor:
+        """One new token for each row of `rows` (each at its own position): x (n, 1, d_model)."""
+        batch = x.shape[0]
+        q, k, v = self.qkv(x).view(batch, 1, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        index = torch.arange(rows.start, rows.stop, device=x.device)
+        cache.keys[layer][index, :, positions] = k[:, :, 0].to(cache.keys[layer].dtype)
+        cache.values[layer][index, :, positions] = v[:, :, 0].to(cache.values[layer].dtype)
+        span = mask.shape[-1]
+        keys, values = cache.keys[layer][rows, :, :span], cache.values[layer][rows, :, :span]
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return self.proj(y.transpose(1, 2).reshape(batch, 1, -1))
 
 
 class MLP(nn.Module):
@@ -268,6 +316,11 @@ class Block(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, layer: int) -> Tensor:
         x = x + self.drop(self.attn(self.norm1(x), cos, sin, cache, layer))
         return x + self.drop(self.mlp(self.norm2(x)))
+
+    def step_rows(self, x: Tensor, cos: Tensor, sin: Tensor, cache: SlotCache, layer: int, rows: slice,
+                  positions: Tensor, mask: Tensor) -> Tensor:
+        x = x + self.attn.step_rows(self.norm1(x), cos, sin, cache, layer, rows, positions, mask)
+        return x + self.mlp(self.norm2(x))
 
 
 class S2STransformer(nn.Module):
@@ -318,6 +371,44 @@ class S2STransformer(nn.Module):
         shape = (batch, self.config.n_heads, capacity, self.config.d_model // self.config.n_heads)
         keys, values = ([torch.zeros(shape, dtype=dtype, device=weight.device) for _ in self.blocks] for _ in range(2))
         return KVCache(keys, values)
+
+    def init_slots(self, rows: int, capacity: int | None = None) -> SlotCache:
+        """An empty SlotCache for up to `rows` concurrent sequences (see SlotCache)."""
+        one = self.init_cache(rows, capacity)
+        return SlotCache(one.keys, one.values, torch.zeros(rows, dtype=torch.long, device=one.keys[0].device))
+
+    def prefill_row(self, cache: SlotCache, row: int, user_codes: Tensor, speaker: Tensor, emotion: Tensor) -> Tensor:
+        """Start a reply in row `row`: the prompt (conditioning, delayed user turn, BOS) goes into
+        the row's cache; returns the last hidden state (1, 1, d_model), the input of the first step."""
+        _check_codes("user_codes", user_codes, self.config)
+        self._check_conditioning(speaker, emotion, 1)
+        pad, bos = self.config.pad_id, self.config.bos_id
+        column = torch.full((1, self.config.n_codebooks, 1), pad, dtype=torch.long, device=user_codes.device)
+        prompt = torch.cat([column, delay(user_codes.long(), pad), column.clone().fill_(bos)], dim=2)
+        view = cache.row_view(row)
+        view.length = 0
+        hidden = self._hidden(prompt, speaker, emotion, view)[:, -1:]
+        cache.lengths[row] = view.length
+        return hidden
+
+    def step_rows(self, cache: SlotCache, rows: slice, tokens: Tensor) -> Tensor:
+        """Append one column of tokens (n, K, 1) to each row of `rows`, each at its own position;
+        returns the new hidden states (n, 1, d_model). Equals `forward` with a KVCache per row."""
+        positions = cache.lengths[rows]
+        if int(positions.max()) >= cache.capacity:
+            raise ValueError(f"a row reached the cache capacity of {cache.capacity} positions")
+        x = sum(embedding(tokens[:, k]) for k, embedding in enumerate(self.embeddings))
+        cos, sin = self.rope_cos[positions][:, None, None], self.rope_sin[positions][:, None, None]
+        span = int(positions.max()) + 1
+        mask = (torch.arange(span, device=x.device)[None] <= positions[:, None])[:, None, None]
+        for layer, block in enumerate(self.blocks):
+            x = block.step_rows(x, cos, sin, cache, layer, rows, positions, mask)
+        cache.lengths[rows] += 1
+        return self.norm(x)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Next-token logits (B, K, V) from the last hidden state (B, 1, d_model)."""
+        return self._heads(hidden)[:, :, -1]
 
     def forward(self, tokens: Tensor, speaker: Tensor, emotion: Tensor, cache: KVCache | None = None) -> Tensor:
         """Logits (B, K, L, V) of the next token for each of the L positions of `tokens` (B, K, L).
