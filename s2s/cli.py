@@ -280,6 +280,24 @@ def publish_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] =
     console.print(report.message, soft_wrap=True)
 
 
+@app.command("serve")
+def serve_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = SetOpt,
+              model: Optional[str] = typer.Option(None, help="models:/name@alias, models:/name/N or a bundle folder "
+                                                               "(default: serving.model)"),
+              host: Optional[str] = typer.Option(None, help="default: serving.host (127.0.0.1)"),
+              port: Optional[int] = typer.Option(None, help="default: serving.port")) -> None:
+    """Serve the model: /ws streaming speech, /stats, /healthz, /metrics and the demo page at /."""
+    from serving.bundle import BundleError
+    from serving.server import serve
+
+    params = _params(profile, set_)
+    try:
+        serve(params, model, host, port)
+    except BundleError as exc:
+        _fail(f"{exc}\nno model to serve: run `make pipeline` (registers models:/telugu-s2s@champion) "
+              "or pass --model with a bundle folder")
+
+
 @bench_app.command("segment")
 def bench_segment(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = SetOpt,
                   json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures here")) -> None:

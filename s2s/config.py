@@ -220,6 +220,18 @@ class ServingConfig(_Section):
     max_reply_seconds: float
     max_utterance_seconds: float
     min_reply_seconds: float
+    model: str                        # models:/<name>@<alias>, models:/<name>/<version> or a bundle folder
+    host: str
+    port: int
+    max_sessions: int
+    max_message_bytes: int
+    max_session_seconds: float
+    threads: int
+    batching: bool
+    vad_silence_ms: int               # server-side end of utterance after this much silence
+    vad_threshold_dbfs: float
+    token_env: str
+    shutdown_grace_s: float
 
 
 class RegistryConfig(_Section):
