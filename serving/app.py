@@ -266,8 +266,9 @@ class SocketSession:
             state.metrics.sessions.dec()
 
     async def _close(self, code: int, reason: str) -> None:
-        self.state.metrics.errors.labels(f"close_{code}").inc()
-        self.state.errors_total += 1
+        if code != NORMAL:
+            self.state.metrics.errors.labels(f"close_{code}").inc()
+            self.state.errors_total += 1
         await self._flush()
         if self.socket.client_state == WebSocketState.CONNECTED:
             await self.socket.close(code, reason[:120])
