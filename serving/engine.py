@@ -164,6 +164,17 @@ class Engine:
     def close(self, conversation_id: int) -> None:
         self._post(("close", conversation_id))
 
+    def wait_encoded(self, conversation_id: int, timeout: float = 30.0) -> None:
+        """Block until the audio posted so far for this conversation is encoded (what has happened
+        by the end of an utterance spoken in real time)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            conversation = self.conversations.get(conversation_id)
+            if self.commands.empty() and conversation is not None and len(conversation.pending) < self.hop:
+                return
+            time.sleep(0.001)
+        raise TimeoutError(f"conversation {conversation_id}: audio not encoded within {timeout} s")
+
     @property
     def replying(self) -> int:
         return self.live
@@ -178,10 +189,9 @@ class Engine:
         torch.set_num_threads(self.threads)
         with torch.inference_mode():
             while not self.stopping:
-                worked = self.tick()
-                if not worked:
-                    self.wake.wait(0.01)
-                    self.wake.clear()
+                self.wake.clear()  # before the tick: a command posted during it sets it again
+                if not self.tick():
+                    self.wake.wait(0.05)
 
     def tick(self) -> bool:
         """One round of work; returns whether there was any."""

@@ -1,4 +1,4 @@
-"""First-audio latency of a candidate, measured through the serving code path (ReplySession).
+"""First-audio latency of a candidate, measured through the serving code path (the engine).
 
 Latency is what a caller waits between the end of their utterance and the first sound of the
 reply. The user's audio is fed in chunks as a microphone would send it (its encoding happens
@@ -8,32 +8,22 @@ first decoded frame is out. The utterances are real user turns from the test spl
 
 from __future__ import annotations
 
-import contextlib
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import soundfile as sf
-import torch
 from tqdm import tqdm
 
 from s2s.config import Params
 from s2s.labels import EMOTIONS, SPEAKERS
 from serving.bundle import ModelBundle
-from serving.session import GenerationSettings, ReplySession
+from serving.engine import Engine, ReplyEvent
+from serving.session import GenerationSettings
 from tasks.corpus_audio import CorpusError, read_manifest
-
-
-@contextlib.contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def user_turns(params: Params, count: int) -> list[tuple[np.ndarray, str, str]]:
@@ -53,47 +43,59 @@ def user_turns(params: Params, count: int) -> list[tuple[np.ndarray, str, str]]:
     return chosen
 
 
-def time_first_audio(session: ReplySession, audio: np.ndarray, chunk: int, reply_frames: int) -> tuple[float, float]:
-    """Seconds from end of utterance to the first reply frame, and the real-time factor of
-    producing `reply_frames` frames (audio seconds per compute second)."""
-    for start in range(0, len(audio), chunk):
-        session.feed(audio[start: start + chunk])
-    started = time.perf_counter()
-    stream = session.end_of_utterance()
-    produced = 0
-    first = None
+def time_first_audio(engine: Engine, audio: np.ndarray, speaker: str, emotion: str, chunk: int,
+                     reply_frames: int) -> tuple[float, float]:
+    """Seconds from end of utterance to the first reply frame, and the real-time factor of the
+    first `reply_frames` frames, for one turn through the engine the server runs. The audio is
+    posted in chunks and encoded before the clock starts, as it is while a person speaks."""
+    frames: list[float] = []
+    enough = threading.Event()
+
+    def emit(event: ReplyEvent) -> None:
+        if event.kind == "audio":
+            frames.append(time.perf_counter())
+            if len(frames) >= reply_frames:
+                enough.set()
+        elif event.kind == "end":
+            enough.set()
+        else:
+            raise RuntimeError(f"the engine refused a latency turn: {event.code}: {event.message}")
+
+    conversation = engine.open(speaker, emotion, emit)
     try:
-        for frame in stream:
-            first = first if first is not None else time.perf_counter() - started
-            produced += len(frame)
-            if produced >= reply_frames * session.hop:
-                break
+        for start in range(0, len(audio), chunk):
+            engine.post_audio(conversation, audio[start: start + chunk])
+        engine.wait_encoded(conversation)
+        started = time.perf_counter()
+        engine.post_end(conversation)
+        if not enough.wait(120) or not frames:
+            raise RuntimeError("the model produced no reply frame within 120 s")
     finally:
-        stream.close()
-    if first is None:
-        raise RuntimeError("the model ended the reply before its first frame")
-    elapsed = time.perf_counter() - started
-    return first, produced / session.bundle.sample_rate / max(elapsed, 1e-9)
+        engine.close(conversation)
+    produced = len(frames[:reply_frames]) * engine.hop / engine.bundle.sample_rate
+    return frames[0] - started, produced / max(frames[min(reply_frames, len(frames)) - 1] - started, 1e-9)
 
 
 def measure_latency(bundle: ModelBundle, params: Params, utterances: list[tuple[np.ndarray, str, str]] | None = None,
                     ) -> dict[str, float]:
     """First-audio latency (ms: mean, p50, p95, std, min, max) over the configured utterances,
-    after a few warm-up turns; one torch thread by default, as one serving worker has."""
+    after a few warm-up turns, one at a time through the serving engine on `latency.threads`
+    torch threads (one, as one serving worker has)."""
     cfg = params.latency
     utterances = utterances or user_turns(params, cfg.utterances + cfg.warmup)
     settings = GenerationSettings.from_params(params.serving)
     chunk = int(bundle.sample_rate * cfg.chunk_ms / 1000)
     firsts, rtfs = [], []
-    with torch_threads(cfg.threads):
-        session = ReplySession(bundle, settings=settings, seed=0)
+    engine = Engine(bundle, settings, max_sessions=1, threads=cfg.threads).start()
+    try:
         for i, (audio, speaker, emotion) in enumerate(tqdm(utterances, desc="latency", unit="turn")):
-            session.set_voice(speaker, emotion)
             audio = audio[: int(settings.max_utterance_seconds * bundle.sample_rate)]
-            first, rtf = time_first_audio(session, audio, chunk, cfg.reply_frames)
+            first, rtf = time_first_audio(engine, audio, speaker, emotion, chunk, cfg.reply_frames)
             if i >= cfg.warmup:
                 firsts.append(first * 1000)
                 rtfs.append(rtf)
+    finally:
+        engine.stop()
     values = np.array(firsts)
     return {"first_audio_mean_ms": float(values.mean()), "first_audio_p50_ms": float(np.percentile(values, 50)),
             "first_audio_p95_ms": float(np.percentile(values, 95)), "first_audio_std_ms": float(values.std()),
