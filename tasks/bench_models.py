@@ -73,6 +73,12 @@ def bench_codec(params: Params, seconds: float = 10.0, frames: int = 250, repeat
             p95_ms = 1000 * float(np.percentile(per_step, 95))
         chunked[f"stream_decode_x_realtime_{chunk}_frames_per_step"] = round(
             chunk * frame_ms / (1000 * statistics.median(per_step)), 1)
+    batched: dict[str, float] = {}
+    for sessions in (16, 64):  # the server decodes every live session's frame in one step
+        state = codec.init_decoder_state(sessions)
+        frame = codes[..., :1].expand(sessions, -1, -1).contiguous()
+        step_s = _median_seconds(lambda: codec.decode_step(frame, state), repeats * 4)
+        batched[f"stream_decode_x_realtime_per_session_batch_{sessions}"] = round(frame_ms / (1000 * step_s / sessions), 1)
     return {
         "model": source,
         "bitrate_bps": codec.bitrate(),
@@ -83,6 +89,7 @@ def bench_codec(params: Params, seconds: float = 10.0, frames: int = 250, repeat
         "stream_decode_frame_ms_p95": round(p95_ms, 3),
         "stream_decode_x_realtime": round(frame_ms / median_ms, 1),
         **chunked,
+        **batched,
         "stream_vs_whole_decode_cost_ratio": round(median_ms / whole_per_frame_ms, 2),
         "peak_rss_mb": round(_peak_rss_mb(), 1),
     }
