@@ -125,7 +125,7 @@ def data_flow(profile: str = "smoke", sources_file: str | None = None,
     manifest["emotion"] = manifest["emotion"].fillna(params.pairs.default_emotion)
     fingerprint = corpus.fingerprint({
         "rows": rows, "failures": failures, "splits": params.splits.model_dump(), "pairs": params.pairs.model_dump(),
-        "quality": params.quality.model_dump(mode="json"), "format": 1,
+        "quality": params.quality.model_dump(mode="json"), "format": 2,  # 2: validation.json without GX's random ids and times
     })
     data_dir = params.path(params.paths.data)
     summary = corpus.existing_summary(data_dir, fingerprint)

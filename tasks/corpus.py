@@ -114,10 +114,24 @@ def build_corpus(data_dir: Path, kept: pd.DataFrame, quarantined: pd.DataFrame, 
         (staging / "pairs.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
         reports = staging / "reports"
         reports.mkdir()
-        (reports / "validation.json").write_text(json.dumps(validation, indent=1, default=str) + "\n")
+        (reports / "validation.json").write_text(json.dumps(stable_report(validation), indent=1, default=str) + "\n")
         (reports / "summary.json").write_text(json.dumps(asdict(summary), indent=2, default=str) + "\n")
         (reports / "summary.md").write_text(summary_markdown(summary) + "\n")
     return summary
+
+
+# What Great Expectations stamps on every validation: random ids and clock times. Kept, they made
+# the corpus hash of an unchanged corpus differ at every rebuild (data.dvc dirty after each run).
+VOLATILE_REPORT_KEYS = frozenset({"id", "validation_id", "ge_load_time", "run_time", "validation_time"})
+
+
+def stable_report(value: Any) -> Any:
+    """The validation report without its volatile fields: the same data gives the same bytes."""
+    if isinstance(value, dict):
+        return {k: stable_report(v) for k, v in value.items() if k not in VOLATILE_REPORT_KEYS}
+    if isinstance(value, list):
+        return [stable_report(v) for v in value]
+    return value
 
 
 def summary_markdown(summary: CorpusSummary) -> str:
