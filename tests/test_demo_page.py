@@ -1,0 +1,175 @@
+"""The demo page (serving/static) in headless Chromium through a whole turn.
+
+Chromium's fake microphone plays a WAV file (Telugu speech from espeak-ng, then silence, looped);
+the page captures it through its AudioWorklet resampler and streams it to the app (running on
+loopback with a tiny random model); the server's VAD ends the utterance, the reply streams back
+and the page schedules it for playback. The test checks what the page counted and showed, the
+server's /stats, and that no error frame came back. A screenshot lands in the test's tmp folder
+(and in $S2S_SCREENSHOT_DIR when set).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import threading
+import time
+import urllib.request
+import wave
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.codec import CodecConfig, TeluCodec
+from models.s2s_transformer import S2SConfig, S2STransformer
+from s2s.config import load_params
+from serving.app import create_app
+from serving.bundle import export_bundle, load_bundle
+
+from .conftest import REPO, speak
+
+CHROMIUM = Path(os.environ.get("S2S_CHROMIUM", "/usr/bin/chromium"))
+CAPTURE_RATE = 48000  # the fake microphone file's rate (Chromium resamples it to its device rate)
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory: pytest.TempPathFactory, one_thread) -> Path:
+    """A tiny random model (as in test_session.py): it babbles, fast."""
+    torch.manual_seed(0)
+    codec = TeluCodec(CodecConfig(channels=4, latent_dim=8, n_codebooks=2, codebook_size=16))
+    s2s_config = S2SConfig(n_codebooks=2, codebook_size=16, d_model=16, n_layers=1, n_heads=2, max_len=128)
+    s2s = S2STransformer(s2s_config)
+    root = tmp_path_factory.mktemp("bundle")
+    torch.save({"config": codec.config_dict(), "model": codec.state_dict()}, root / "codec.pt")
+    torch.save({"config": asdict(s2s_config), "codec_config": codec.config_dict(), "model": s2s.state_dict()},
+               root / "s2s.pt")
+    return export_bundle(root / "codec.pt", root / "s2s.pt", root / "bundle", {"model_name": "tiny"})
+
+
+@pytest.fixture()
+def server(bundle_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    """The app under uvicorn in a thread, on a free loopback port; yields its base URL."""
+    import uvicorn
+
+    monkeypatch.delenv("S2S_API_TOKEN", raising=False)
+    # a random model seldom samples end-of-reply: max_reply_seconds ends its replies quickly
+    overrides = {"serving": {"max_reply_seconds": 1.0, "vad_silence_ms": 500}}
+    config = load_params("smoke", overrides, root=REPO).serving
+    app = create_app(load_bundle(bundle_dir), config, "tiny-test-bundle")
+    # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on such sockets; without it Nagle's algorithm
+    # and delayed ACKs hold each reply back ~40 ms
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", ws_max_size=1 << 17, lifespan="on"))
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not uv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the app did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        uv.should_exit = True
+        thread.join(15)
+        sock.close()
+
+
+@pytest.fixture()
+def fake_microphone(tmp_path: Path) -> Path:
+    """16-bit mono WAV: 0.4 s of silence, a Telugu sentence, 1.5 s of silence (the VAD's cue)."""
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed: no test speech")
+    speech = speak("నమస్కారం, ఈ రోజు వాతావరణం ఎలా ఉంది?", "female_young", sample_rate=CAPTURE_RATE)
+    speech = 0.7 * speech / max(float(np.abs(speech).max()), 1e-6)
+    audio = np.concatenate([np.zeros(int(0.4 * CAPTURE_RATE)), speech, np.zeros(int(1.5 * CAPTURE_RATE))])
+    path = tmp_path / "fake-mic.wav"
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(CAPTURE_RATE)
+        out.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
+    return path
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.load(response)
+
+
+def test_demo_page_streams_a_spoken_reply(server: str, fake_microphone: Path, tmp_path: Path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    if not CHROMIUM.is_file():
+        pytest.skip(f"no Chromium at {CHROMIUM} (set S2S_CHROMIUM; `playwright install` needs the internet)")
+    assert get_json(f"{server}/config")["sample_rate"] == 16000
+
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True,
+            args=["--no-sandbox", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                  f"--use-file-for-fake-audio-capture={fake_microphone}",
+                  "--autoplay-policy=no-user-gesture-required"])
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 1300})
+            page_errors: list[str] = []
+            page.on("pageerror", lambda error: page_errors.append(str(error)))
+            page.goto(f"{server}/")
+            page.wait_for_function("window.s2sDemo && window.s2sDemo.state === 'idle'", timeout=10_000)
+            assert "తెలుగు" in page.title()
+            assert page.locator("#speakers [role=radio]").count() == 4
+            assert page.locator("#emotions [role=radio]").count() == 9
+            assert page.locator("#token-row").is_hidden(), "this server needs no token"
+
+            page.click("#speaker-male_mature")
+            page.click("#emotion-happy")
+            assert page.get_attribute("#emotion-happy", "aria-checked") == "true"
+            assert page.get_attribute("#emotion-neutral", "aria-checked") == "false"
+            page.click("#start")
+            page.wait_for_function("window.s2sDemo.session !== null && window.s2sDemo.voice !== null",
+                                   timeout=10_000)
+            assert page.evaluate("window.s2sDemo.voice") == {"speaker": "male_mature", "emotion": "happy"}
+
+            # speech, silence, the server's VAD ends the turn, the reply streams back
+            page.wait_for_function("window.s2sDemo.repliesDone >= 1", timeout=30_000)
+            page.click("#emotion-empathy")  # mid-session: a voice message, acknowledged
+            page.wait_for_function("window.s2sDemo.voice.emotion === 'empathy'", timeout=5_000)
+            # played means the AudioBufferSourceNodes ended; /stats is polled every 2 s
+            page.wait_for_function("window.s2sDemo.samplesPlayed > 0", timeout=10_000)
+            page.wait_for_function("Number(document.getElementById('stats-replies').textContent) >= 1",
+                                   timeout=5_000)
+            demo = page.evaluate("JSON.parse(JSON.stringify(window.s2sDemo))")
+            stats = get_json(f"{server}/stats")
+            metrics_text = page.inner_text("#metrics")
+            first_audio_text = page.inner_text("#metric-first-audio")
+            page.screenshot(path=str(tmp_path / "demo-page.png"), full_page=True)
+            if os.environ.get("S2S_SCREENSHOT_DIR"):
+                folder = Path(os.environ["S2S_SCREENSHOT_DIR"])
+                folder.mkdir(parents=True, exist_ok=True)
+                shutil.copy(tmp_path / "demo-page.png", folder / "demo-page.png")
+
+            page.click("#stop")
+            page.wait_for_function("window.s2sDemo.state === 'closed'", timeout=5_000)
+            errors_after_stop = page.evaluate("window.s2sDemo.errors")
+        finally:
+            browser.close()
+
+    assert demo["errors"] == [] and errors_after_stop == [], f"error frames: {errors_after_stop}"
+    assert page_errors == [], f"uncaught errors in the page: {page_errors}"
+    assert demo["chunksSent"] > 50 and demo["samplesSent"] == 320 * demo["chunksSent"], demo
+    reply = demo["lastReplyMetrics"]
+    assert demo["framesReceived"] >= reply["frames"] > 0
+    assert demo["samplesScheduled"] >= 320 * reply["frames"]
+    assert 0 < demo["samplesPlayed"] <= demo["samplesScheduled"]
+    assert demo["lastFirstAudioMs"] is not None and 0 <= demo["lastFirstAudioMs"] < 5000
+    assert re.fullmatch(r"\d+(\.\d)? ms", first_audio_text), first_audio_text
+    assert "Reply length" in metrics_text and re.search(r"\d\.\d\d s", metrics_text), metrics_text
+    assert stats["replies_total"] >= 1 and stats["errors_total"] == 0, stats
+    assert stats["first_audio_latency_ms"]["count"] >= 1
