@@ -298,6 +298,16 @@ def serve_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = S
               "or pass --model with a bundle folder")
 
 
+def _register_loadtest() -> None:
+    from serving.loadtest import loadtest_command
+
+    app.command("loadtest", help="Concurrent WebSocket clients speaking test-split utterances: latency, "
+                                 "errors, drops; writes docs/benchmarks.md.")(loadtest_command)
+
+
+_register_loadtest()
+
+
 @bench_app.command("segment")
 def bench_segment(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = SetOpt,
                   json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures here")) -> None:

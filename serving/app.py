@@ -301,13 +301,17 @@ class SocketSession:
         self.outbox.put_nowait({"type": "end_of_utterance", "source": source})
 
     async def _on_text(self, text: str) -> bool:
-        if len(text) > self.config.max_message_bytes:
-            await self._close(TOO_BIG, f"message of {len(text)} characters exceeds {self.config.max_message_bytes}")
+        size = len(text.encode("utf-8"))
+        if size > self.config.max_message_bytes:
+            await self._close(TOO_BIG, f"message of {size} bytes exceeds {self.config.max_message_bytes}")
             return True
         try:
             message = json.loads(text)
         except json.JSONDecodeError as exc:
             self.error("invalid_json", f"text frame is not JSON: {exc.msg} at character {exc.pos}")
+            return False
+        except RecursionError:
+            self.error("invalid_json", "text frame is JSON nested too deeply")
             return False
         if not isinstance(message, dict) or not isinstance(message.get("type"), str):
             self.error("invalid_message", "a control message is a JSON object with a string 'type'")
@@ -341,10 +345,11 @@ class SocketSession:
         if self.conversation is not None:
             self.error("already_started", "this session has started already; use voice to change the voice")
             return
-        if message.get("protocol", PROTOCOL) != PROTOCOL:
-            self.error("unsupported_protocol", f"protocol {message.get('protocol')!r} is not served: use {PROTOCOL}")
+        protocol = message.get("protocol", PROTOCOL)
+        if type(protocol) is not int or protocol != PROTOCOL:  # not bool: True == 1 in Python
+            self.error("unsupported_protocol", f"protocol {protocol!r} is not served: use {PROTOCOL}")
             return
-        if message.get("sample_rate") != sample_rate:
+        if type(message.get("sample_rate")) is not int or message.get("sample_rate") != sample_rate:
             self.error("unsupported_sample_rate",
                        f"sample_rate {message.get('sample_rate')!r}: send 16-bit mono PCM at {sample_rate} Hz")
             return

@@ -228,9 +228,12 @@ class Engine:
             if kind == "audio":
                 self._take_audio(conversation, command[2])
             elif kind == "end":
-                if conversation.discard:
+                if conversation.discard:  # the end of a turn already refused: say so again, start afresh
                     conversation.discard = False
                     self._reset_turn(conversation)
+                    conversation.emit(ReplyEvent("error", code="utterance_too_long",
+                                                 message="this turn was dropped for being too long: nothing to "
+                                                         "reply to; speak again"))
                 elif conversation.row is None:
                     conversation.end_at = command[2]
             elif kind == "voice":
