@@ -313,7 +313,9 @@ def test_redact_hides_the_token_and_credential_shapes() -> None:
 
 def test_endpoint_precedence(hub_env, monkeypatch: pytest.MonkeyPatch) -> None:
     """HF_ENDPOINT wins over publish.endpoint, which wins over the public Hub (params.yaml's order)."""
-    assert hub_endpoint(_params().publish) == "https://huggingface.co"
+    from tasks.publish import DEFAULT_ENDPOINT
+
+    assert hub_endpoint(_params().publish) == DEFAULT_ENDPOINT  # the public Hub (never contacted here)
     assert hub_endpoint(_params("http://hub.internal:8080/").publish) == "http://hub.internal:8080"
     monkeypatch.setenv("HF_ENDPOINT", "http://mirror.internal")
     assert hub_endpoint(_params("http://hub.internal:8080").publish) == "http://mirror.internal"
