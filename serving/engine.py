@@ -35,7 +35,7 @@ import torch
 
 from models.s2s_transformer import sample
 from serving.bundle import ModelBundle
-from serving.session import GenerationSettings, SessionError, check_voice
+from serving.session import GenerationSettings, SessionError, check_voice, reply_budget
 
 MAX_ENCODE_ROUNDS = 16  # hops encoded per tick before replies get their step
 
@@ -303,18 +303,14 @@ class Engine:
         return worked
 
     def _prefill(self, c: Conversation) -> None:
-        config = self.s2s.config
-        positions = config.max_len - config.sequence_length(0, 0)
-        wanted = max(1, int(self.settings.max_reply_seconds * self.codec.frame_rate))
-        reply_frames = min(wanted, positions // 2)
-        user = torch.cat(c.codes, dim=-1)[:, :, -(positions - reply_frames - 1):]  # +1: the last step is fed too
+        reply_frames, room, min_frames = reply_budget(self.settings, self.codec.frame_rate, self.s2s.config)
+        user = torch.cat(c.codes, dim=-1)[:, :, -room:]  # the end of a long turn is what the reply answers
         row = self.live
         self.live += 1
         self.owner[row], c.row = c, row
         speaker = torch.tensor([c.speaker_id], device=self.device)
         emotion = torch.tensor([c.emotion_id], device=self.device)
         self.hidden[row] = self.s2s.prefill_row(self.cache, row, user, speaker, emotion)[0]
-        min_frames = min(reply_frames, int(self.settings.min_reply_seconds * self.codec.frame_rate))
         self.step[row], self.min_frames[row], self.max_frames[row] = 0, min_frames, reply_frames
         self.eos_frame[row] = reply_frames + self.n_codebooks  # "never"
         c.decoder_state = self.codec.init_decoder_state(1)

@@ -46,6 +46,15 @@ class GenerationSettings:
                    serving.min_reply_seconds)
 
 
+def reply_budget(settings: GenerationSettings, frame_rate: float, config: Any) -> tuple[int, int, int]:
+    """(reply frames, user frames, minimum reply frames) that fit the model's context: the reply
+    gets what the settings ask for but at most half, so a long user turn is cropped rather than
+    refused. One position is kept spare: the engine feeds the last step's tokens too."""
+    positions = config.max_len - config.sequence_length(0, 0) - 1
+    reply = min(max(1, int(settings.max_reply_seconds * frame_rate)), positions // 2)
+    return reply, positions - reply, min(reply, int(settings.min_reply_seconds * frame_rate))
+
+
 def check_voice(speaker: str, emotion: str) -> tuple[int, int]:
     """The ids of a checklist speaker and emotion, or a SessionError naming the valid ones."""
     if speaker not in SPEAKERS:
@@ -119,12 +128,11 @@ class ReplySession:
                 raise SessionError("empty_utterance", "end of utterance before any audio: nothing to reply to")
             user = torch.cat(self.codes, dim=-1)
             model = self.bundle.s2s
-            reply_frames, room = self.budget(model.config.max_len - model.config.sequence_length(0, 0))
+            reply_frames, room, min_frames = reply_budget(self.settings, self.bundle.codec.frame_rate, model.config)
             user = user[:, :, -room:]  # the end of a long turn is what the reply answers
             speaker = torch.tensor([self.speaker_id], device=self.device)
             emotion = torch.tensor([self.emotion_id], device=self.device)
             decoder_state = self.bundle.codec.init_decoder_state(1)
-            min_frames = min(reply_frames, int(self.settings.min_reply_seconds * self.bundle.codec.frame_rate))
             frames = model.generate(user, speaker, emotion, reply_frames, self.settings.temperature,
                                     self.settings.top_k, self.generator, min_frames)
             for frame in frames:
@@ -132,13 +140,6 @@ class ReplySession:
                 yield audio[0, 0].float().cpu().numpy()
         finally:
             self._reset_turn()
-
-    def budget(self, positions: int) -> tuple[int, int]:
-        """(reply frames, user frames) that fit the model's context: the reply gets what the
-        settings ask for, but at most half, so a long user turn is cropped rather than refused."""
-        wanted = max(1, int(self.settings.max_reply_seconds * self.bundle.codec.frame_rate))
-        reply = min(wanted, positions // 2)
-        return reply, positions - reply
 
     def reply(self, audio: np.ndarray) -> np.ndarray:
         """A whole turn at once: the user's audio in, the complete reply out (for batch use)."""
