@@ -16,14 +16,15 @@ of the engine thread:
 With `batching=False` step 4 runs row by row instead (the same code with batches of one): the
 baseline that shows what cross-session batching buys.
 
-Per-conversation state is explicit (encoder and decoder states, the delay-pattern bookkeeping of
-its row), in the manner of kyutai's streaming modules; batch states are concatenated for a step
-and split back, which costs microseconds on the codec's small convolution buffers.
+Per-conversation state is explicit (its encoder and decoder state rows, the delay-pattern
+bookkeeping of its KV row), in the manner of kyutai's streaming modules; the codec's states of
+all sessions live in row buffers (RowStates) that a step gathers from and writes back to.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -37,36 +38,43 @@ from models.s2s_transformer import sample
 from serving.bundle import ModelBundle
 from serving.session import GenerationSettings, SessionError, check_voice, reply_budget
 
+log = logging.getLogger(__name__)
 MAX_ENCODE_ROUNDS = 16  # hops encoded per tick before replies get their step
 
 
-def cat_states(states: list[Any]) -> Any:
-    """Stack per-conversation streaming states (lists of dataclasses of tensors) along the batch."""
+def map_state(fn: Callable[..., Any], *states: Any) -> Any:
+    """Apply `fn` to the tensors of streaming states (nested lists of dataclasses of tensors)."""
     first = states[0]
     if first is None:
         return None
     if isinstance(first, torch.Tensor):
-        return torch.cat(states)
+        return fn(*states)
     if isinstance(first, list):
-        return [cat_states([s[i] for s in states]) for i in range(len(first))]
+        return [map_state(fn, *parts) for parts in zip(*states)]
     if is_dataclass(first):
-        return replace(first, **{f.name: cat_states([getattr(s, f.name) for s in states]) for f in fields(first)})
-    raise TypeError(f"cannot batch a state of type {type(first).__name__}")
+        return replace(first, **{f.name: map_state(fn, *(getattr(x, f.name) for x in states)) for f in fields(first)})
+    raise TypeError(f"cannot map over a state of type {type(first).__name__}")
 
 
-def split_state(state: Any, count: int) -> list[Any]:
-    """The inverse of cat_states: `count` per-conversation states (views, no copies)."""
-    if state is None:
-        return [None] * count
-    if isinstance(state, torch.Tensor):
-        return list(state.split(1))
-    if isinstance(state, list):
-        parts = [split_state(s, count) for s in state]
-        return [[p[i] for p in parts] for i in range(count)]
-    if is_dataclass(state):
-        parts = {f.name: split_state(getattr(state, f.name), count) for f in fields(state)}
-        return [replace(state, **{k: v[i] for k, v in parts.items()}) for i in range(count)]
-    raise TypeError(f"cannot split a state of type {type(state).__name__}")
+class RowStates:
+    """Streaming states of many conversations as one batch of rows: a step gathers the rows it
+    needs (index_select), runs, and writes them back (index_copy_), a fixed number of tensor ops
+    whatever the number of sessions."""
+
+    def __init__(self, state: Any) -> None:
+        self.state = state  # every tensor is (rows, ...)
+
+    def gather(self, index: torch.Tensor) -> Any:
+        return map_state(lambda t: t.index_select(0, index), self.state)
+
+    def scatter(self, index: torch.Tensor, part: Any) -> None:
+        map_state(lambda t, p: t.index_copy_(0, index, p), self.state, part)
+
+    def reset(self, row: int) -> None:
+        map_state(lambda t: t[row].zero_(), self.state)  # initial states are zeros
+
+    def move(self, src: int, dst: int) -> None:
+        map_state(lambda t: t[dst].copy_(t[src]), self.state)
 
 
 @dataclass
@@ -86,13 +94,12 @@ class Conversation:
     emit: Callable[[ReplyEvent], None]
     speaker_id: int
     emotion_id: int
-    encoder_state: Any
+    slot: int                          # its row in the engine's encoder states
     pending: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
     codes: list[torch.Tensor] = field(default_factory=list)
     samples_in: int = 0
     end_at: float | None = None        # when end of utterance arrived (the latency clock)
     row: int | None = None             # its row in the SlotCache while replying
-    decoder_state: Any = None
     first_audio_at: float | None = None
     frames_out: int = 0
     discard: bool = False              # the turn was refused: drop its audio until the next turn
@@ -125,6 +132,9 @@ class Engine:
         self.allowed[0, config.eos_id] = True
         self.lag = torch.arange(config.n_codebooks, device=self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.encoder_states = RowStates(self.codec.init_encoder_state(max_sessions))
+        self.decoder_states = RowStates(self.codec.init_decoder_state(max_sessions))  # aligned with KV rows
+        self.free_slots = list(range(max_sessions - 1, -1, -1))
         self.conversations: dict[int, Conversation] = {}
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
         self.ids = itertools.count(1)
@@ -190,8 +200,22 @@ class Engine:
         with torch.inference_mode():
             while not self.stopping:
                 self.wake.clear()  # before the tick: a command posted during it sets it again
-                if not self.tick():
+                try:
+                    worked = self.tick()
+                except Exception as exc:  # a bug must not silently stall every session
+                    log.exception("engine tick failed")
+                    self._fail_all(f"{type(exc).__name__}: {exc}")
+                    worked = True
+                if not worked:
                     self.wake.wait(0.05)
+
+    def _fail_all(self, reason: str) -> None:
+        """After an internal error: end every reply in flight with an error; sessions go on."""
+        for row in range(self.live - 1, -1, -1):
+            conversation = self.owner[row]
+            self._free_row(row)
+            if conversation is not None:
+                conversation.emit(ReplyEvent("error", code="internal_error", message=f"reply failed: {reason}"))
 
     def tick(self) -> bool:
         """One round of work; returns whether there was any."""
@@ -219,8 +243,12 @@ class Engine:
             worked = True
             kind, cid = command[0], command[1]
             if kind == "open":
-                self.conversations[cid] = Conversation(cid, command[4], command[2], command[3],
-                                                       self.codec.init_encoder_state(1))
+                if not self.free_slots:
+                    command[4](ReplyEvent("error", code="server_full", message="no free engine slot"))
+                    continue
+                slot = self.free_slots.pop()
+                self.encoder_states.reset(slot)
+                self.conversations[cid] = Conversation(cid, command[4], command[2], command[3], slot)
                 continue
             conversation = self.conversations.get(cid)
             if conversation is None:
@@ -241,6 +269,7 @@ class Engine:
             elif kind == "close":
                 if conversation.row is not None:
                     self._free_row(conversation.row)
+                self.free_slots.append(conversation.slot)
                 del self.conversations[cid]
 
     def _take_audio(self, conversation: Conversation, pcm: np.ndarray) -> None:
@@ -258,7 +287,7 @@ class Engine:
         conversation.pending = np.concatenate([conversation.pending, pcm])
 
     def _reset_turn(self, conversation: Conversation) -> None:
-        conversation.encoder_state = self.codec.init_encoder_state(1)
+        self.encoder_states.reset(conversation.slot)
         conversation.pending = np.zeros(0, dtype=np.float32)
         conversation.codes, conversation.samples_in, conversation.end_at = [], 0, None
 
@@ -276,11 +305,11 @@ class Engine:
 
     def _encode_batch(self, conversations: list[Conversation], hops: list[np.ndarray]) -> None:
         wav = torch.from_numpy(np.stack(hops))[:, None].to(self.device)
-        state = cat_states([c.encoder_state for c in conversations])
-        codes, state = self.codec.encode_step(wav, state)
-        for c, s, code in zip(conversations, split_state(state, len(conversations)), codes.split(1)):
-            c.encoder_state = s
-            if code.shape[-1]:
+        index = torch.tensor([c.slot for c in conversations], device=self.device)
+        codes, state = self.codec.encode_step(wav, self.encoder_states.gather(index))
+        self.encoder_states.scatter(index, state)
+        if codes.shape[-1]:
+            for c, code in zip(conversations, codes.split(1)):
                 c.codes.append(code)
 
     def _start_replies(self) -> bool:
@@ -313,7 +342,7 @@ class Engine:
         self.hidden[row] = self.s2s.prefill_row(self.cache, row, user, speaker, emotion)[0]
         self.step[row], self.min_frames[row], self.max_frames[row] = 0, min_frames, reply_frames
         self.eos_frame[row] = reply_frames + self.n_codebooks  # "never"
-        c.decoder_state = self.codec.init_decoder_state(1)
+        self.decoder_states.reset(row)
         c.first_audio_at, c.frames_out = None, 0
 
     def _step(self, rows: slice) -> list[int]:
@@ -342,20 +371,21 @@ class Engine:
             index = torch.tensor(emitting, device=self.device)
             slots = (done[index, None] + self.lag[None]) % self.n_codebooks  # codebook k's token of frame `done`
             codes = self.ring[rows][index].gather(2, slots[:, :, None])          # (e, K, 1)
-            self._decode([self.owner[rows.start + i] for i in emitting], codes)
+            self._decode([rows.start + i for i in emitting], codes)
             finished += [rows.start + i for i in emitting if int(eos_frame[i]) <= int(done[i]) + 1]
         self.eos_frame[rows] = eos_frame
         self.step[rows] = step + 1
         self.hidden[rows] = self.s2s.step_rows(self.cache, rows, token[:, :, None])
         return sorted(set(finished))
 
-    def _decode(self, conversations: list[Conversation], codes: torch.Tensor) -> None:
-        state = cat_states([c.decoder_state for c in conversations])
-        audio, state = self.codec.decode_step(codes, state)
+    def _decode(self, rows: list[int], codes: torch.Tensor) -> None:
+        """One codec decoder step for these rows' completed frames (e, K, 1), sent to their sessions."""
+        index = torch.tensor(rows, device=self.device)
+        audio, state = self.codec.decode_step(codes, self.decoder_states.gather(index))
+        self.decoder_states.scatter(index, state)
         now = time.perf_counter()
-        pcm = audio[:, 0].float().cpu().numpy()
-        for c, s, samples in zip(conversations, split_state(state, len(conversations)), pcm):
-            c.decoder_state = s
+        for row, samples in zip(rows, audio[:, 0].float().cpu().numpy()):
+            c = self.owner[row]
             if c.first_audio_at is None:
                 c.first_audio_at = now
             c.frames_out += 1
@@ -376,6 +406,7 @@ class Engine:
         last = self.live - 1
         if row != last:
             self.cache.move_row(last, row)
+            self.decoder_states.move(last, row)
             for buffer in (self.hidden, self.step, self.eos_frame, self.min_frames, self.max_frames, self.ring):
                 buffer[row] = buffer[last]
             moved = self.owner[last]
@@ -386,4 +417,4 @@ class Engine:
         self.live -= 1
 
 
-__all__ = ["Engine", "ReplyEvent", "SessionError", "cat_states", "split_state"]
+__all__ = ["Engine", "ReplyEvent", "RowStates", "SessionError", "map_state"]

@@ -64,6 +64,8 @@ def run_engine(engine: Engine, utterances: list[np.ndarray], stagger: bool) -> l
         if stagger:
             time.sleep(0.05)
     assert finished.wait(60), "every reply ends"
+    for cid in ids:
+        engine.close(cid)
     return [np.concatenate(outputs[i]) for i in range(len(utterances))]
 
 
