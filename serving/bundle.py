@@ -25,6 +25,7 @@ import torch
 from models.codec import TeluCodec
 from models.s2s_transformer import S2SConfig, S2STransformer
 from tasks import atomic
+from tasks.stamps import file_sha256
 
 CODEC_FILE = "codec.pt"
 S2S_FILE = "s2s.pt"
@@ -35,12 +36,6 @@ class BundleError(ValueError):
     """A bundle that cannot be loaded; the message says which file and why."""
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass

@@ -24,7 +24,7 @@ import torchaudio.functional as AF
 
 from s2s.config import NormalizeConfig
 from tasks import atomic
-from tasks.stamps import code_hash
+from tasks.stamps import code_hash, file_sha256
 
 
 class MediaError(ValueError):
@@ -52,12 +52,6 @@ class NormalizedRecording:
     input_sha256: str
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _last_line(stderr: bytes | None) -> str:

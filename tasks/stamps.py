@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 from functools import lru_cache
+from pathlib import Path
 from types import ModuleType
 
 
@@ -21,3 +22,12 @@ def _module_hash(module: ModuleType) -> str:
 def code_hash(*modules: ModuleType) -> str:
     """One hash over the source code of `modules`."""
     return hashlib.sha256("".join(_module_hash(m) for m in modules).encode()).hexdigest()[:16]
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks (checkpoints can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

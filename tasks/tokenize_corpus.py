@@ -18,7 +18,7 @@ from models.codec import TeluCodec
 from s2s.config import Params
 from tasks import atomic
 from tasks.corpus_audio import load_clips, read_manifest
-from tasks.normalize import file_sha256
+from tasks.stamps import file_sha256
 from tasks.training import load_checkpoint, select_device
 
 SPLITS = ("train", "val", "test")

@@ -159,7 +159,7 @@ def use_experiment(root: Path, uri: str | None, experiment: str) -> str:
 def corpus_fingerprint(params: Any) -> dict[str, str]:
     """What a training stage's inputs are, for its stamp: the DVC hash and the manifest's and
     pairs' content (the DVC hash alone is 'unversioned' when versioning is off)."""
-    from tasks.normalize import file_sha256
+    from tasks.stamps import file_sha256
 
     data = params.path(params.paths.data)
     return {"corpus_hash": corpus_hash(params.root, data),
