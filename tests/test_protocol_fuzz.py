@@ -32,7 +32,7 @@ from s2s.labels import EMOTIONS, SPEAKERS
 from serving.loadtest import soak
 
 from .conftest import speak
-from .test_loadtest import LiveServer
+from .live_server import LiveServer
 from .test_session import bundle_dir  # noqa: F401  (fixture: a tiny random bundle)
 
 MAX_MESSAGE_BYTES = 4096

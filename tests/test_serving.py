@@ -17,24 +17,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import uvicorn
 import websockets
 
-from s2s.config import load_params
 from serving.bundle import load_bundle
 from serving.engine import Engine, ReplyEvent
+from serving.loadtest import free_port
 from serving.session import GenerationSettings, ReplySession
 
 from .conftest import speak
+from .live_server import LiveServer
 from .test_session import bundle_dir  # noqa: F401  (fixture: a tiny random bundle)
 
 GREEDY = GenerationSettings(temperature=0.0, top_k=None, max_reply_seconds=0.5, min_reply_seconds=0.1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_engine(engine: Engine, utterances: list[np.ndarray], stagger: bool) -> list[np.ndarray]:
@@ -108,45 +102,6 @@ def test_slot_rows_move_without_changing_their_continuation(one_thread):
     assert torch.allclose(moved, reference[2:3], atol=1e-5) and len(hidden) == 3
 
 
-class LiveServer:
-    """The app under uvicorn in a thread on a free loopback port."""
-
-    def __init__(self, bundle_dir: Path, serving: dict) -> None:
-        from serving.app import create_app
-
-        params = load_params("smoke", {"serving": serving})
-        self.app = create_app(load_bundle(bundle_dir), params.serving, str(bundle_dir))
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> "LiveServer":
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert self.server.started
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
-
-    def get(self, path: str) -> tuple[int, str]:
-        import urllib.error
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-
-
 def pcm16(audio: np.ndarray) -> bytes:
     return (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
 
@@ -188,7 +143,7 @@ def test_a_full_turn_over_the_websocket_with_stats_and_metrics(bundle_dir: Path,
     with LiveServer(bundle_dir, settings) as server:
         ready, first, voice, second, code = asyncio.run(conversation(server.url))
         status, stats = server.get("/stats")
-        _, metrics = server.get("/metrics")
+        _, metrics = server.text("/metrics")
         _, health = server.get("/healthz")
     assert ready["type"] == "ready" and ready["sample_rate"] == 16000 and ready["frame_samples"] == 320
     for samples, controls in (first, second):
@@ -198,11 +153,10 @@ def test_a_full_turn_over_the_websocket_with_stats_and_metrics(bundle_dir: Path,
         assert metrics_of_turn["first_audio_ms"] > 0
     assert voice == {"type": "voice", "speaker": "male_young", "emotion": "surprise"}
     assert code == 1000
-    stats = json.loads(stats)
     assert status == 200 and stats["replies_total"] == 2 and stats["first_audio_latency_ms"]["count"] == 2
     assert stats["sessions"] == 0 and stats["errors_total"] == 0
     assert "s2s_first_audio_seconds_count 2.0" in metrics and "s2s_replies_total 2.0" in metrics
-    assert json.loads(health)["status"] == "ok"
+    assert health["status"] == "ok"
 
 
 def test_the_server_vad_ends_the_utterance(bundle_dir: Path, one_thread):
