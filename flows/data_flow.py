@@ -22,7 +22,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from s2s.config import Params, load_params
-from tasks import corpus, download, normalize, pairs, quality, segment, splits, synth_corpus, version
+from tasks import corpus, download, normalize, pairs, quality, segment, splits, synth_corpus, transcripts, version
 from tasks.sources import Source, load_sources
 
 
@@ -119,13 +119,14 @@ def data_flow(profile: str = "smoke", sources_file: str | None = None,
     for rid, failure in (norm_failures | seg_failures).items():
         logger.error("recording %s refused: %s", rid, failure["error"])
 
+    rows = transcripts.attach_text(rows, sources, path)
     manifest = pd.DataFrame(rows)
     if manifest.empty:
         raise RuntimeError(f"no segments from {len(sources)} sources: every item failed ({len(failures)} failures)")
     manifest["emotion"] = manifest["emotion"].fillna(params.pairs.default_emotion)
     fingerprint = corpus.fingerprint({
         "rows": rows, "failures": failures, "splits": params.splits.model_dump(), "pairs": params.pairs.model_dump(),
-        "quality": params.quality.model_dump(mode="json"), "format": 2,  # 2: validation.json without GX's random ids and times
+        "quality": params.quality.model_dump(mode="json"), "format": 3,  # 2: no GX random ids/times in validation.json; 3: text column
     })
     data_dir = params.path(params.paths.data)
     summary = corpus.existing_summary(data_dir, fingerprint)

@@ -14,6 +14,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+
+from tasks.evaluate_quality import quality_markdown
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
@@ -93,4 +95,6 @@ def summary_markdown(result: dict[str, Any]) -> str:
              "- gates: " + ", ".join(f"{n} {'passed' if g['passed'] else 'FAILED'}" for n, g in trained["gates"].items()),
              f"- publish: {(result['publish'] or {}).get('message', 'skipped')}", "",
              *(f"- {k}: {v}" for k, v in result["links"].items())]
+    if trained.get("quality"):
+        lines += ["", "## Quality", "", quality_markdown(trained["quality"])]
     return "\n".join(lines) + "\n"

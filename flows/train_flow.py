@@ -1,5 +1,5 @@
 """The train flow: codec -> codec gate -> S2S (tokenizing first) -> S2S gate -> bundle ->
-latency gate -> register.
+quality evaluation -> quality gate -> latency gate -> register.
 
 A gate that fails ends the flow there: the MLflow train run is tagged with the gate and its
 reason and ends FAILED, the Prefect run fails with the same message, and nothing is registered.
@@ -22,8 +22,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run, task_run
 
 from s2s.config import Params, load_params
-from serving.bundle import load_bundle_dir, read_meta
+from serving.bundle import bundle_sha, load_bundle_dir, read_meta
 from tasks import atomic, candidate, flow_runs, gates
+from tasks.evaluate_quality import evaluate_quality, flat_metrics, quality_markdown
 from tasks.latency import measure_latency
 from tasks.registry import RegisteredVersion, register_bundle
 from tasks.train_codec import CodecTrainResult, train_codec
@@ -74,6 +75,15 @@ def bundle_task(params: Params, codec: CodecTrainResult, s2s: S2STrainResult, me
     return candidate.export_candidate(params, codec, s2s, meta)
 
 
+@task(name="evaluate-quality", cache_policy=NO_CACHE)
+def quality_task(params: Params, bundle_dir: Path, parent_run_id: str) -> dict[str, Any]:
+    """MOS, CER, emotion and speaker control of the candidate (evaluators reused per corpus)."""
+    report = evaluate_quality(load_bundle_dir(bundle_dir), params, bundle_sha(bundle_dir), parent_run_id)
+    create_markdown_artifact(key="quality", markdown="# Quality of the candidate\n\n" + quality_markdown(report),
+                             description="MOS, CER, emotion and speaker control: corpus, codec round trip, replies")
+    return report
+
+
 @task(name="measure-latency", cache_policy=NO_CACHE)
 def latency_task(params: Params, bundle_dir: Path) -> dict[str, float]:
     return measure_latency(load_bundle_dir(bundle_dir), params)
@@ -121,12 +131,21 @@ def train_flow(profile: str = "smoke", overrides: dict[str, Any] | None = None,
                    "cost": candidate.training_costs(params, codec, s2s)}
         bundle = bundle_task(params, codec, s2s, {"model_name": params.registry.model_name, **tags,
                                                   "bitrate_bps": codec.bitrate_bps})
+        quality = quality_task(params, bundle, run_id)
+        metrics["quality"] = flat_metrics(quality)
+        quality_gate = gate_task(params, run_id, gates.quality_gate(quality, params.gates.quality))
+        tags |= {"quality_run_id": str(quality.get("run_id")),
+                 **{f"evaluator.{k}_run_id": str(v) for k, v in quality["evaluators"]["runs"].items()}}
         latency = latency_task(params, bundle)
         metrics["latency"] = latency
         latency_gate = gate_task(params, run_id, gates.latency_gate(latency, params.gates.latency))
-        evaluation = {"metrics": metrics, "gates": {g.name: g.to_dict() for g in (codec_gate, s2s_gate, latency_gate)},
+        passed = (codec_gate, s2s_gate, quality_gate, latency_gate)
+        evaluation = {"metrics": metrics, "gates": {g.name: g.to_dict() for g in passed},
                       "profile": params.profile, "corpus": flow_runs.corpus_facts(params),
-                      "runs": {"train": run_id, "codec": codec.run_id, "s2s": s2s.run_id}}
+                      "quality": {k: quality[k] for k in ("sets", "confusion", "labels", "working_share",
+                                                          "evaluators")},
+                      "runs": {"train": run_id, "codec": codec.run_id, "s2s": s2s.run_id,
+                               "quality": quality.get("run_id"), **quality["evaluators"]["runs"]}}
         atomic.write_json(bundle / "bundle.json", {**read_meta(bundle), "metrics": metrics,
                                                    "gates": evaluation["gates"]})
         version = register_task(params, bundle, evaluation, tags, run_id)
@@ -142,7 +161,7 @@ def train_flow(profile: str = "smoke", overrides: dict[str, Any] | None = None,
     flow_runs.close_run(params, run_id)
     result = {"profile": params.profile, "model": version.name, "version": version.version,
               "aliases": version.aliases, "reused": version.reused, "run_id": run_id, "bundle": str(bundle),
-              "gates": evaluation["gates"], "metrics": metrics,
+              "gates": evaluation["gates"], "metrics": metrics, "quality": evaluation["quality"],
               "cached": [name for name, r in (("codec", codec), ("s2s", s2s)) if r.cached],
               "seconds": round(time.monotonic() - started, 1),
               "links": flow_runs.ui_links(params, str(flow_run.id) if flow_run.id else None, version.version)}

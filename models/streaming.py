@@ -159,3 +159,26 @@ class ResidualUnit(nn.Module):
         """Stride-1 convs return one output per input at once, so the skip lines up with x."""
         y, state = self.block.step(x, state)
         return x + y, state
+
+
+def flatten_state(state: Any) -> list[Tensor]:
+    """The tensors of a (nested) streaming state in a fixed order, for runtimes that take flat
+    inputs (ONNX Runtime); `unflatten_state` rebuilds the nesting from a template."""
+    if isinstance(state, (list, tuple)):
+        return [t for item in state for t in flatten_state(item)]
+    if isinstance(state, ConvState):
+        return [state.buffer]
+    if isinstance(state, ConvTransposeState):
+        return [state.tail]
+    return []
+
+
+def unflatten_state(template: Any, tensors: Any) -> Any:
+    """Inverse of `flatten_state`: `tensors` (an iterator) laid out like `template`."""
+    if isinstance(template, (list, tuple)):
+        return [unflatten_state(item, tensors) for item in template]
+    if isinstance(template, ConvState):
+        return ConvState(next(tensors))
+    if isinstance(template, ConvTransposeState):
+        return ConvTransposeState(next(tensors))
+    return template

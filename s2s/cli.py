@@ -142,6 +142,22 @@ def print_candidate(result: dict) -> None:
                   soft_wrap=True)
 
 
+def print_quality(quality: dict, title: str = "Quality (tasks/evaluate_quality.py)") -> None:
+    """MOS, CER, emotion and speaker figures of corpus audio, codec round trip and replies."""
+    from tasks.evaluate_quality import table_rows
+
+    table = Table(title=title)
+    for column in ("figure", "corpus audio (ceiling)", "codec round trip", "generated replies"):
+        table.add_column(column)
+    for row in table_rows(quality):
+        table.add_row(*row)
+    console.print(table)
+    replies = quality["sets"].get("replies", {})
+    console.print(f"emotions working: {int(replies.get('emotions_working', 0))}/9, speakers working: "
+                  f"{int(replies.get('speakers_working', 0))}/4 (recall and precision >= {quality['working_share']:.0%} "
+                  "in the replies)", soft_wrap=True)
+
+
 def print_links(links: dict) -> None:
     console.print("[bold]Where to look[/] (start both UIs with `make ui`):")
     for key, value in links.items():
@@ -158,6 +174,7 @@ def flow_train(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = 
 
     result = _run_gated(lambda: train_flow(profile=params.profile, overrides=parse_overrides(set_),
                                            thresholds=_thresholds(threshold)))
+    print_quality(result["quality"])
     print_candidate(result)
     console.print(f"train flow: {result['seconds']} s")
     print_links(result["links"])
@@ -180,6 +197,7 @@ def flow_pipeline(profile: Optional[str] = ProfileOpt,
                                               overrides=parse_overrides(set_), thresholds=_thresholds(threshold),
                                               publish=publish))
     print_summary(result["corpus"])
+    print_quality(result["train"]["quality"])
     print_candidate(result["train"])
     if result["publish"]:
         console.print(f"publish: {result['publish'].get('message', result['publish'].get('mode'))}", soft_wrap=True)
@@ -219,6 +237,61 @@ def gates_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = S
         console.print(f"{gate.name}: " + ("[green]passed[/]" if gate.passed else f"[red]failed[/]: {gate.reason}"),
                       soft_wrap=True)
     if not report["passed"]:
+        raise typer.Exit(code=1)
+
+
+@app.command("eval")
+def eval_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = SetOpt,
+             model: str = typer.Option("champion", help="alias or version number of the registered model, "
+                                                         "or a bundle folder"),
+             force: bool = typer.Option(False, help="retrain the evaluators even if this corpus has them"),
+             out: Optional[Path] = typer.Option(None, help="also write the report here (the dvc.yaml quality stage)"),
+             gate: bool = typer.Option(False, help="apply the profile's quality gate: exit code 1 when it fails"),
+             threshold: Optional[list[str]] = ThresholdOpt) -> None:
+    """Measure a model's quality: MOS (DNSMOS, DistillMOS), CER, emotion and speaker control.
+
+    Trains the evaluators once per corpus version; logs an MLflow run `quality`; a registered
+    version also gets the figures as tags (quality.*), which its sign-off report shows."""
+    from serving.bundle import BundleError, bundle_sha, load_bundle_dir
+    from tasks.corpus_audio import CorpusError
+    from tasks import atomic
+    from tasks.evaluate_quality import evaluate_quality, record_on_version
+    from tasks.gates import quality_gate
+    from tasks.registry import download_bundle, tracking_uri
+
+    overrides = parse_overrides(set_)
+    if threshold:
+        overrides.setdefault("gates", {}).update(_thresholds(threshold))
+    try:
+        params = load_params(profile, overrides)
+    except ConfigError as exc:
+        _fail(str(exc))
+    name = params.registry.model_name
+    folder = Path(model).expanduser()
+    version = None
+    try:
+        if folder.is_dir():
+            bundle_dir = folder
+        else:
+            uri = f"models:/{name}/{model}" if model.isdigit() else f"models:/{name}@{model}"
+            bundle_dir = download_bundle(uri, tracking_uri(params.root, params.mlflow.tracking_uri))
+            version = model
+        report = evaluate_quality(load_bundle_dir(bundle_dir), params, bundle_sha(bundle_dir), force=force)
+    except (BundleError, CorpusError, ConfigError) as exc:
+        _fail(str(exc))
+    print_quality(report)
+    if version is not None:
+        shown = record_on_version(params, version, report)
+        console.print(f"recorded on {name} version {shown} (tags quality.*, quality_run_id)", soft_wrap=True)
+    verdict = quality_gate(report, params.gates.quality)
+    if out is not None:
+        atomic.write_json(out, {"gate": verdict.to_dict(), **{k: report[k] for k in ("bundle", "profile", "sets",
+                                                                                      "run_id")}})
+    console.print(f"quality.json: {report['path']}; MLflow run: {report.get('run_id')}; {report['seconds']} s"
+                  f"{' (reused: same model, evaluators and settings)' if report.get('cached') else ''}", soft_wrap=True)
+    console.print("quality gate: " + ("[green]passed[/]" if verdict.passed else f"[red]failed[/]: {verdict.reason}"),
+                  soft_wrap=True)
+    if gate and not verdict.passed:
         raise typer.Exit(code=1)
 
 

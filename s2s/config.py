@@ -200,10 +200,78 @@ class LatencyGate(_Section):
     max_std_ms: float
 
 
+class QualityGate(_Section):
+    """Thresholds on what the quality evaluators measure (tasks/evaluate_quality.py); null = reported only.
+    MOS is judged relative to the corpus's own audio (its ceiling), the rest as absolute figures."""
+    min_evaluator_accuracy: float | None = None   # emotion/speaker classifiers on held-out corpus audio
+    max_evaluator_cer: float | None = None        # the recognizer on held-out corpus audio
+    min_reply_mos_ratio: float | None = None      # DNSMOS P.808 of replies / of corpus audio
+    min_reply_mos: float | None = None            # DNSMOS P.808 of replies (checklist: MOS > 4.0)
+    max_reply_cer: float | None = None            # checklist: Telugu accuracy > 90% -> CER < 0.10
+    min_emotion_control: float | None = None      # checklist: 9 emotions working
+    min_speaker_control: float | None = None      # checklist: 4 speakers working
+    max_roundtrip_cer: float | None = None        # recognizer CER after a codec round trip
+
+
 class GatesConfig(_Section):
     codec: CodecGate
     s2s: S2SGate
     latency: LatencyGate
+    quality: QualityGate
+
+
+class AsrConfig(_Section):
+    """The CTC recognizer of Telugu graphemes the pipeline trains to judge intelligibility."""
+    n_mels: int
+    channels: int                     # width of the conv stack
+    hidden: int                       # width of each block's per-frame MLP
+    layers: int                       # conv blocks
+    kernel_size: int                  # of each block's depthwise conv, in 40 ms frames
+    dropout: float
+    batch_size: int
+    max_steps: int
+    lr: float                         # peak of the one-cycle schedule
+    weight_decay: float
+    spec_augment: bool                # mask mel bands and time spans of the training batches
+    seed: int
+
+
+class ClassifierAugmentConfig(_Section):
+    """What one classifier's training crops get on top of a random gain (tasks/train_classifier.py)."""
+    noise_snr_db: tuple[float, float] | None = None   # added noise at a random SNR in this range; null = none
+    mel_shift: float = 0.0            # random shift of +-mel_shift mel bins (a voice higher or lower)
+    adversary_weight: float = 0.0     # gradient reversal against the other label; 0 = off
+    steps_fraction: float = 1.0       # this classifier trains for max_steps x this (at least 1 step)
+
+
+class ClassifierConfig(_Section):
+    """The utterance classifiers (emotion, speaker) that judge emotion and speaker control."""
+    n_mels: int
+    channels: int
+    batch_size: int
+    max_steps: int
+    lr: float
+    crop_seconds: float
+    seed: int
+    gain_db: float = 12.0             # random gain of +-gain_db on training crops (the model is level-blind)
+    label_smoothing: float = 0.1
+    emotion: ClassifierAugmentConfig = ClassifierAugmentConfig()
+    speaker: ClassifierAugmentConfig = ClassifierAugmentConfig()
+
+
+class EvaluationConfig(_Section):
+    """What `s2s eval` and the train flow's evaluate-quality step measure, and on how much."""
+    out_dir: Path                     # evaluators and reports (per corpus hash / per model)
+    threads: int
+    asr: AsrConfig
+    classifier: ClassifierConfig
+    corpus_items: int                 # held-out (test split) segments scored for the ceilings
+    reply_inputs: int                 # test-split user turns replies are generated for
+    temperature: float
+    top_k: int | None
+    max_reply_seconds: float
+    working_share: float              # an emotion/speaker "works" at this recall and precision in replies
+    mos: list[Literal["dnsmos", "distillmos"]]
 
 
 class LatencyConfig(_Section):
@@ -276,6 +344,7 @@ class Params(_Section):
     s2s_train: S2STrainConfig
     gates: GatesConfig
     latency: LatencyConfig
+    evaluation: EvaluationConfig
     serving: ServingConfig
     registry: RegistryConfig
     publish: PublishConfig

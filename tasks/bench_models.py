@@ -4,7 +4,9 @@ Figures are medians over repeats, each beside a baseline measured in the same pr
 ratio is what travels between machines): the codec's streaming decode against its own
 whole-sequence decode, and KV-cached generation against recomputing the full sequence each step.
 Both run on one CPU thread unless told otherwise: one stream, as a server session would get.
-Streaming decode is also timed at 2 and 4 frames per step, to show what per-call overhead costs.
+Streaming decode is also timed at 2 and 4 frames per step, to show what per-call overhead costs,
+and on ONNX Runtime (models/codec_onnx.py: the same graph exported from the model, with less per-op
+overhead), against the PyTorch step in the same process.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ def bench_codec(params: Params, seconds: float = 10.0, frames: int = 250, repeat
         frame = codes[..., :1].expand(sessions, -1, -1).contiguous()
         step_s = _median_seconds(lambda: codec.decode_step(frame, state), repeats * 4)
         batched[f"stream_decode_x_realtime_per_session_batch_{sessions}"] = round(frame_ms / (1000 * step_s / sessions), 1)
+    onnx = _onnx_stream_decode(codec, codes, frames, repeats, frame_ms, median_ms)
     return {
         "model": source,
         "bitrate_bps": codec.bitrate(),
@@ -90,9 +93,39 @@ def bench_codec(params: Params, seconds: float = 10.0, frames: int = 250, repeat
         "stream_decode_x_realtime": round(frame_ms / median_ms, 1),
         **chunked,
         **batched,
+        **onnx,
         "stream_vs_whole_decode_cost_ratio": round(median_ms / whole_per_frame_ms, 2),
         "peak_rss_mb": round(_peak_rss_mb(), 1),
     }
+
+
+def _onnx_stream_decode(codec: TeluCodec, codes: torch.Tensor, frames: int, repeats: int, frame_ms: float,
+                        torch_median_ms: float) -> dict:
+    """Per-frame streaming decode on ONNX Runtime at batch 1, and per session at 16 and 64."""
+    from models.codec_onnx import OnnxStreamingDecoder
+
+    decoder = OnnxStreamingDecoder(codec, batch=1, threads=torch.get_num_threads())
+    numpy_codes = codes.numpy()
+    per_step: list[float] = []
+    for _ in range(repeats):
+        state = decoder.init_state(1)
+        for f in range(frames):
+            start = time.perf_counter()
+            _, state = decoder.step(numpy_codes[..., f: f + 1], state)
+            per_step.append(time.perf_counter() - start)
+    median_ms = 1000 * statistics.median(per_step)
+    figures = {"onnx_stream_decode_frame_ms_median": round(median_ms, 3),
+               "onnx_stream_decode_frame_ms_p95": round(1000 * float(np.percentile(per_step, 95)), 3),
+               "onnx_stream_decode_x_realtime": round(frame_ms / median_ms, 1),
+               "onnx_vs_torch_stream_decode_speedup": round(torch_median_ms / median_ms, 2)}
+    decoder = OnnxStreamingDecoder(codec, batch=None, threads=torch.get_num_threads())
+    for sessions in (16, 64):
+        state = decoder.init_state(sessions)
+        frame = np.ascontiguousarray(np.broadcast_to(numpy_codes[..., :1], (sessions, *numpy_codes.shape[1:2], 1)))
+        step_s = _median_seconds(lambda: decoder.step(frame, state), repeats * 4)
+        figures[f"onnx_stream_decode_x_realtime_per_session_batch_{sessions}"] = round(
+            frame_ms / (1000 * step_s / sessions), 1)
+    return figures
 
 
 def trained_s2s(params: Params) -> tuple[S2STransformer, str]:

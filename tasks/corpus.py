@@ -24,7 +24,7 @@ from tasks import atomic
 
 MANIFEST_COLUMNS = ["segment_id", "path", "split", "source_id", "recording_id", "start", "end",
                     "speaker", "speaker_label", "emotion", "duration_s", "dbfs", "raw_dbfs", "snr_db",
-                    "clipping_ratio", "silence_ratio"]
+                    "clipping_ratio", "silence_ratio", "text"]
 
 
 @dataclass

@@ -23,7 +23,10 @@ def read_manifest(data_dir: Path) -> pd.DataFrame:
     manifest = data_dir / "manifest.csv"
     if not manifest.is_file():
         raise CorpusError(f"no corpus manifest at {manifest}: run `s2s flow data` first")
-    return pd.read_csv(manifest)
+    rows = pd.read_csv(manifest)
+    if "text" in rows:
+        rows["text"] = rows["text"].fillna("")  # "" = the segment's text is unknown
+    return rows
 
 
 def load_clips(data_dir: Path, split: str, limit: int | None = None) -> tuple[list[np.ndarray], list[str]]:

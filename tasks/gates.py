@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from s2s.config import CodecGate, LatencyGate, S2SGate
+from s2s.config import CodecGate, LatencyGate, QualityGate, S2SGate
 
 
 @dataclass(frozen=True)
@@ -106,3 +106,27 @@ def latency_gate(figures: dict[str, float], cfg: LatencyGate) -> GateResult:
         Check("first_audio_p95_ms", figures.get("first_audio_p95_ms"), "<=", cfg.max_p95_ms),
         Check("first_audio_std_ms", figures.get("first_audio_std_ms"), "<=", cfg.max_std_ms),
     ])
+
+
+def quality_gate(report: dict[str, Any], cfg: QualityGate) -> GateResult:
+    """What the quality evaluators measured (tasks.evaluate_quality): first that the judges work
+    on held-out corpus audio, then the candidate's replies; a threshold left null is reported in
+    the sign-off report but not gated."""
+    sets = report.get("sets", {})
+    corpus, roundtrip, replies = (sets.get(k, {}) for k in ("corpus", "codec_roundtrip", "replies"))
+    planned = [
+        ("corpus.emotion_accuracy", corpus.get("emotion_accuracy"), ">=", cfg.min_evaluator_accuracy,
+         "emotion classifier on held-out corpus audio"),
+        ("corpus.speaker_accuracy", corpus.get("speaker_accuracy"), ">=", cfg.min_evaluator_accuracy,
+         "speaker classifier on held-out corpus audio"),
+        ("corpus.cer", corpus.get("cer"), "<=", cfg.max_evaluator_cer, "recognizer on held-out corpus audio"),
+        ("codec_roundtrip.cer", roundtrip.get("cer"), "<=", cfg.max_roundtrip_cer, ""),
+        ("replies.dnsmos_p808", replies.get("dnsmos_p808"), ">=", cfg.min_reply_mos, ""),
+        ("replies.dnsmos_p808_vs_corpus", replies.get("dnsmos_p808_vs_corpus"), ">=", cfg.min_reply_mos_ratio,
+         "relative to the corpus's own audio"),
+        ("replies.cer", replies.get("cer"), "<=", cfg.max_reply_cer, "against the corpus's reply text"),
+        ("replies.emotion_control", replies.get("emotion_control"), ">=", cfg.min_emotion_control, ""),
+        ("replies.speaker_control", replies.get("speaker_control"), ">=", cfg.min_speaker_control, ""),
+    ]
+    return GateResult("quality", [Check(metric, value, op, threshold, note)
+                                  for metric, value, op, threshold, note in planned if threshold is not None])

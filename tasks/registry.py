@@ -160,6 +160,14 @@ def version_info(client: Any, name: str, version: str) -> dict[str, Any]:
         evaluation = json.loads(Path(path).read_text())
     except Exception:  # an older version without the artifact: the tags still say enough
         evaluation = {}
+    if "quality" not in evaluation and mv.tags.get("quality_run_id", "None") != "None":
+        try:  # measured after registration by `s2s eval`
+            path = client.download_artifacts(mv.tags["quality_run_id"], "quality.json",
+                                             tempfile.mkdtemp(prefix="s2s-quality-"))
+            evaluation["quality"] = json.loads(Path(path).read_text())
+            evaluation.setdefault("runs", {})["quality"] = mv.tags["quality_run_id"]
+        except Exception:  # the run or its artifact is gone: the quality.* tags still say enough
+            pass
     aliases = [a for a, v in (client.get_registered_model(name).aliases or {}).items() if str(v) == str(version)]
     return {"name": name, "version": str(version), "tags": dict(mv.tags), "run_id": mv.run_id, "aliases": aliases,
             "created": mv.creation_timestamp, "evaluation": evaluation}

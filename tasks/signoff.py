@@ -15,6 +15,7 @@ from typing import Any
 
 from s2s.config import Params
 from tasks import atomic
+from tasks.evaluate_quality import per_label_precision, per_label_recall
 from tasks.registry import CHAMPION, mlflow_client, promote, version_info
 
 ROLES = ("technical_lead", "project_manager", "business_head")
@@ -32,10 +33,24 @@ CHECKLIST: list[tuple[str, str | None, str, float | None, str]] = [
     ("Codec training cost ~$32", "cost.codec_usd", "<=", 32.0, "device hours x rate in params.yaml"),
     ("S2S training cost ~$96", "cost.s2s_usd", "<=", 96.0, "device hours x rate in params.yaml"),
     ("Total training cost $130", "cost.total_usd", "<=", 130.0, ""),
-    ("MOS > 4.0", None, ">=", 4.0, "not measured yet: quality evaluators (issue 6)"),
-    ("Telugu accuracy > 90%", None, ">=", 0.9, "not measured yet: quality evaluators (issue 6)"),
-    ("Emotion control: 9 working", None, ">=", 9, "not measured yet: quality evaluators (issue 6)"),
-    ("Speaker control: 4 working", None, ">=", 4, "not measured yet: quality evaluators (issue 6)"),
+    ("MOS > 4.0", "quality.replies.dnsmos_p808", ">=", 4.0,
+     "DNSMOS P.808 of generated replies; the corpus's own audio is the ceiling (see Quality)"),
+    ("Telugu accuracy > 90%", "quality.replies.telugu_accuracy", ">=", 0.9,
+     "1 - CER of replies against the corpus reply text, by the pipeline's recognizer"),
+    ("Emotion recognition > 85%", "quality.replies.emotion_control", ">=", 0.85,
+     "replies recognised as the requested emotion by the pipeline's classifier"),
+    ("Emotion control: 9 working", "quality.replies.emotions_working", ">=", 9, "see Quality"),
+    ("Speaker control: 4 working", "quality.replies.speakers_working", ">=", 4, "see Quality"),
+]
+
+# (figure, key in corpus/codec sets, key in the replies set, format) of the Quality section
+QUALITY_ROWS: list[tuple[str, str, str, str]] = [
+    ("DNSMOS P.808", "dnsmos_p808", "dnsmos_p808", "{:.2f}"),
+    ("DNSMOS OVRL", "dnsmos_ovrl", "dnsmos_ovrl", "{:.2f}"),
+    ("DistillMOS", "distillmos", "distillmos", "{:.2f}"),
+    ("Telugu accuracy (1 - CER)", "telugu_accuracy", "telugu_accuracy", "{:.1%}"),
+    ("emotion recognised / control", "emotion_accuracy", "emotion_control", "{:.1%}"),
+    ("speaker recognised / control", "speaker_accuracy", "speaker_control", "{:.1%}"),
 ]
 
 
@@ -89,6 +104,7 @@ def render_report(info: dict[str, Any], required_roles: list[str], tracking: str
             value = "not measured" if check["value"] is None else f"{check['value']:.4g}"
             lines.append(f"| {gate['name']} | {check['metric']} | {value} | {check['op']} {check['threshold']:.4g} | "
                          f"{'yes' if check['passed'] else '**no**'} | {check.get('note', '')} |")
+    lines += quality_section(evaluation.get("quality"), evaluation.get("runs", {}))
     metrics = evaluation.get("metrics", {})
     if metrics.get("codec_baselines"):
         lines += ["", "## Codec against trivial baselines (test split)", "", "| codec | snr_db | mel_distance | stoi |",
@@ -108,6 +124,49 @@ def render_report(info: dict[str, Any], required_roles: list[str], tracking: str
     if tags.get("promoted"):
         lines += ["", f"Promoted to `{CHAMPION}`: {tags['promoted']}"]
     return "\n".join(lines) + "\n"
+
+
+def _cell(figures: dict[str, Any], key: str, fmt: str) -> str:
+    value = figures.get(key)
+    return "—" if value is None else fmt.format(value)
+
+
+def quality_section(quality: dict[str, Any] | None, runs: dict[str, Any]) -> list[str]:
+    """The quality evaluators' figures: each beside the ceiling measured on the corpus itself,
+    the codec round trip, the per-label control verdicts, and the MLflow runs behind them."""
+    if not quality:
+        return ["", "## Quality", "", "Not measured for this version (no quality evaluation recorded)."]
+    sets = quality["sets"]
+    corpus, roundtrip, replies = (sets.get(k, {}) for k in ("corpus", "codec_roundtrip", "replies"))
+    lines = ["", "## Quality (measured on generated replies, judged against the corpus itself)", "",
+             "| figure | generated replies | ceiling: corpus audio | codec round trip |", "|---|---|---|---|"]
+    for label, key, reply_key, fmt in QUALITY_ROWS:
+        lines.append(f"| {label} | {_cell(replies, reply_key, fmt)} | {_cell(corpus, key, fmt)} | "
+                     f"{_cell(roundtrip, key, fmt)} |")
+    lines += ["", "The corpus is espeak-ng speech: its own MOS is the most a model trained on it can reach, "
+              "so a model is judged by how close it comes to that ceiling, and the evaluators' accuracy on "
+              "held-out corpus audio bounds what they can credit a model with."]
+    needed = quality.get("working_share", 0.5)
+    for kind in ("emotion", "speaker"):
+        matrix = quality.get("confusion", {}).get("replies", {}).get(kind)
+        labels = quality.get("labels", {}).get(kind, [])
+        if not matrix:
+            continue
+        recall, precision = per_label_recall(matrix, tuple(labels)), per_label_precision(matrix, tuple(labels))
+        lines += ["", f"| {kind} | replies asking for it | recognised as it (recall) | asked for it, of those "
+                      f"recognised as it (precision) | working (both >= {needed:.0%}) |", "|---|---|---|---|---|"]
+        for label, row in zip(labels, matrix):
+            shown = [("—" if value is None else f"{value:.0%}") for value in (recall.get(label), precision.get(label))]
+            verdict = ("— not measured" if label not in recall else
+                       "✅ yes" if recall[label] >= needed and precision.get(label, 0.0) >= needed else "❌ no")
+            lines.append(f"| {label} | {sum(row)} | {shown[0]} | {shown[1]} | {verdict} |")
+    run_names = {"quality": "quality evaluation", "asr": "recognizer training", "emotion": "emotion classifier",
+                 "speaker": "speaker classifier"}
+    runs = {**quality.get("evaluators", {}).get("runs", {}), **runs}
+    shown = [f"- {label}: `{runs[key]}`" for key, label in run_names.items() if runs.get(key)]
+    if shown:
+        lines += ["", "MLflow runs:", "", *shown]
+    return lines
 
 
 def artifact_key(name: str, version: str) -> str:

@@ -3,6 +3,7 @@
 Each source is a URL yt-dlp understands (a channel, playlist, video, direct media, or file://),
 a licence note, and optionally the checklist speakers in order of first appearance and the
 emotion (style) of the recording. Both are used to name diarized speakers and to label pairs.
+A source may also name a timed transcript, which gives segments their text (tasks/transcripts.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class Source(BaseModel):
     licence: str
     speakers: tuple[str, ...] | None = None
     emotion: str | None = None
+    transcript: str | None = None  # timed text of the recording (tasks/transcripts.py)
 
     @field_validator("speakers")
     @classmethod

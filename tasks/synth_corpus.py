@@ -7,7 +7,8 @@ emotions. Episodes are long recordings in which two speakers alternate, with pau
 background noise, stored in the containers real sources come in (WAV, FLAC, MP3, Opus), plus a
 few deliberately bad items the quality checks must catch. Ground truth (who spoke when, text,
 emotion) is written beside each episode for the tests and `s2s bench segment`, and sources.yaml
-lists the episodes by file:// URL, as any other source is listed.
+lists the episodes by file:// URL, as any other source is listed, each with its transcript (the
+truth file, which the data flow turns into the manifest's `text` column).
 """
 
 from __future__ import annotations
@@ -113,10 +114,15 @@ def load_exchanges() -> list[Exchange]:
             for e in yaml.safe_load(text)["exchanges"]]
 
 
+def spoken_text(text: str, emotion: str) -> str:
+    """What is said: the sentence, after the emotion's interjection if it has one."""
+    return f"{PROSODY[emotion].interjection} {text}".strip()
+
+
 def espeak_command(text: str, speaker: str, emotion: str) -> list[str]:
     voice, prosody = VOICES[speaker], PROSODY[emotion]
     pitch = int(np.clip(voice.pitch + prosody.pitch_shift, 0, 99))
-    spoken = f"{prosody.interjection} {text}".strip()
+    spoken = spoken_text(text, emotion)
     ssml = f'<speak><prosody range="{prosody.pitch_range}">{escape(spoken)}</prosody></speak>'
     return [
         "espeak-ng", "-v", f"te+{voice.variant}", "-m", "--stdout",
@@ -196,7 +202,7 @@ def render_episode(plan: EpisodePlan, params: Params) -> tuple[np.ndarray, list[
             audio = render_turn(text, speaker, plan.emotion, sr)
             turns.append({
                 "start": cursor / sr, "end": (cursor + len(audio)) / sr, "speaker": speaker,
-                "emotion": plan.emotion, "text": text, "exchange": exchange.id, "role": role,
+                "emotion": plan.emotion, "text": spoken_text(text, plan.emotion), "exchange": exchange.id, "role": role,
             })
             gap_range = cfg.turn_gap_s if role == "prompt" else cfg.exchange_gap_s
             gap = np.zeros(int(rng.uniform(*gap_range) * sr), np.float32)
@@ -274,6 +280,7 @@ def synthesize(params: Params, out_dir: Path | None = None) -> Path:
         return {
             "id": plan.id, "url": target.resolve().as_uri(), "licence": LICENCE,
             "speakers": first_appearance, "emotion": plan.emotion,
+            "transcript": f"truth/{plan.id}.json",
         }
 
     with ThreadPoolExecutor(max_workers=4) as pool:

@@ -95,6 +95,35 @@ def test_streaming_decode_equals_full_decode(codec: TeluCodec) -> None:
     torch.testing.assert_close(torch.cat(frames, dim=-1), full, atol=1e-5, rtol=0)
 
 
+def test_onnx_streaming_decode_equals_full_decode(codec: TeluCodec) -> None:
+    """The ONNX Runtime decoder (exported from the model) gives the same samples, at any batch."""
+    from models.codec_onnx import OnnxStreamingDecoder
+
+    decoder = OnnxStreamingDecoder(codec, batch=None)
+    codes = torch.randint(0, 256, (3, 4, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = codec.decode(codes).numpy()
+    state, frames = decoder.init_state(3), []
+    for f in range(codes.shape[-1]):
+        audio, state = decoder.step(codes[..., f:f + 1], state)
+        assert audio.shape == (3, 1, 320)
+        frames.append(audio)
+    np.testing.assert_allclose(np.concatenate(frames, axis=-1), full, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"expected codes \(batch, 4, 1\), got \(3, 4, 2\)"):
+        decoder.step(codes[..., :2], state)
+    with pytest.raises(ValueError, match="make it with init_state"):
+        decoder.step(codes[:1, :, :1], state)
+
+    single = OnnxStreamingDecoder(codec, batch=1)  # static shapes: one live stream
+    state, frames = single.init_state(), []
+    for f in range(codes.shape[-1]):
+        audio, state = single.step(codes[1:2, :, f:f + 1], state)
+        frames.append(audio)
+    np.testing.assert_allclose(np.concatenate(frames, axis=-1), full[1:2], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="exported for batch 1"):
+        single.init_state(3)
+
+
 def test_streaming_encode_equals_full_encode(codec: TeluCodec) -> None:
     wav = torch.randn(1, 1, 320 * 6) * 0.1
     with torch.no_grad():

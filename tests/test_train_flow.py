@@ -20,6 +20,7 @@ LENIENT = {  # a tiny model trained for seconds passes these; the production fig
               "beat_baseline": False},
     "s2s": {"max_cross_entropy": 100.0, "max_perplexity": 1e9, "max_uniform_ratio": 100.0},
     "latency": {"max_mean_ms": 2000.0, "max_p95_ms": 5000.0, "max_std_ms": 2000.0},  # a busy CI runner
+    "quality": {"min_evaluator_accuracy": 0.0, "max_evaluator_cer": 100.0},  # evaluators trained for 4 steps
 }
 
 
@@ -38,7 +39,8 @@ def test_train_flow_registers_a_gated_candidate_and_reruns_from_cache(tiny_corpu
 
     result = train_flow(profile="smoke", overrides=TINY, thresholds=LENIENT)
     assert result["version"] == "1" and set(result["aliases"]) == {"challenger", "champion"}
-    assert all(g["passed"] for g in result["gates"].values()) and set(result["gates"]) == {"codec", "s2s", "latency"}
+    assert all(g["passed"] for g in result["gates"].values())
+    assert set(result["gates"]) == {"codec", "s2s", "quality", "latency"}
     assert result["metrics"]["latency"]["turns"] == 10 and result["metrics"]["latency"]["first_audio_mean_ms"] > 0
     assert result["cached"] == []
 
@@ -52,7 +54,13 @@ def test_train_flow_registers_a_gated_candidate_and_reruns_from_cache(tiny_corpu
     train_run = result["run_id"]
     children = client.search_runs([client.get_run(train_run).info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{train_run}'")
-    assert {r.data.tags["stage"] for r in children} == {"codec", "s2s", "register"}
+    assert {r.data.tags["stage"] for r in children} == {"codec", "s2s", "register", "quality", "asr",
+                                                        "emotion-classifier", "speaker-classifier"}
+    quality = result["quality"]["sets"]
+    assert quality["replies"]["items"] == 12 and quality["corpus"]["items"] == 2  # 9 emotions + 3 other speakers
+    assert {"distillmos", "cer", "emotion_accuracy", "speaker_accuracy"} <= set(quality["corpus"])
+    assert {"emotion_control", "speaker_control", "emotions_working"} <= set(quality["replies"])
+    assert version.tags["evaluator.asr_run_id"] == result["quality"]["evaluators"]["runs"]["asr"]
     assert client.get_run(train_run).data.tags["gate.codec"] == "passed"
 
     # loadable by MLflow's pyfunc loader and by the project's own loader
@@ -71,6 +79,7 @@ def test_train_flow_registers_a_gated_candidate_and_reruns_from_cache(tiny_corpu
     # a re-run with nothing changed trains nothing and registers nothing new
     again = train_flow(profile="smoke", overrides=TINY, thresholds=LENIENT)
     assert again["cached"] == ["codec", "s2s"] and again["reused"] and again["version"] == "1"
+    assert again["quality"]["sets"] == result["quality"]["sets"], "the quality report is reused, not re-measured"
     assert len(client.search_model_versions("name = 'telugu-s2s'")) == 1
 
 
@@ -107,7 +116,9 @@ def test_signoff_needs_every_required_role_before_champion(tiny_corpus: Path, pr
     assert path.is_file() and "| Codec SNR > 30 dB | >= 30 |" in markdown
     perplexity = result["metrics"]["s2s"]["perplexity"]
     assert f"| S2S perplexity < 10 | <= 10 | {perplexity:.4g} |" in markdown
-    assert "| MOS > 4.0 | >= 4 | — | — not measured |" in markdown, "nothing is ticked without a figure"
+    mos = result["metrics"]["quality"]["replies.distillmos"]
+    assert "| MOS > 4.0 | >= 4 | — | — not measured |" in markdown, "DNSMOS was not run: no figure, no tick"
+    assert f"| DistillMOS | {mos:.2f} |" in markdown and "## Quality" in markdown
     assert "| technical_lead | pending |" in markdown
 
     with pytest.raises(ValueError, match="unknown role 'cto'"):
@@ -132,6 +143,17 @@ def test_signoff_needs_every_required_role_before_champion(tiny_corpus: Path, pr
                                                            "signoff")}
     assert "signoff/report-v1.md" in run_artifacts
 
+    # `s2s eval` on a registered version: the same model, evaluators and settings reuse the report
+    evaluated = CliRunner().invoke(app, ["eval", "--model", "1", *_sets(manual)])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "DistillMOS" in evaluated.output and "recorded on telugu-s2s version 1" in evaluated.output
+    assert "(reused: same model, evaluators and settings)" in evaluated.output
+    tags = client.get_model_version("telugu-s2s", "1").tags
+    assert client.get_run(tags["quality_run_id"]).data.tags["stage"] == "quality"
+    assert float(tags["quality.replies.distillmos"]) == pytest.approx(mos, rel=1e-3)
+    missing = CliRunner().invoke(app, ["eval", "--model", "7", *_sets(manual)])
+    assert missing.exit_code == 2 and "telugu-s2s/7" in missing.output
+
 
 def test_dvc_repro_rebuilds_and_gates_the_model_without_prefect(tiny_corpus: Path, project_root: Path):
     """The real dvc.yaml stages, their commands given the tiny model's settings, run by `dvc repro`."""
@@ -147,10 +169,10 @@ def test_dvc_repro_rebuilds_and_gates_the_model_without_prefect(tiny_corpus: Pat
 
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())
     lenient = [f"--threshold={g}.{k}={json.dumps(v)}" for g, values in LENIENT.items() for k, v in values.items()]
-    for name in ("codec", "s2s", "gates"):
+    for name in ("codec", "s2s", "gates", "quality"):
         stage = stages["stages"][name]
         assert stage["cmd"].startswith("s2s "), "stages call the task CLIs"
-        stage["cmd"] = " ".join([stage["cmd"], *_sets(TINY), *(lenient if name == "gates" else [])])
+        stage["cmd"] = " ".join([stage["cmd"], *_sets(TINY), *(lenient if name in ("gates", "quality") else [])])
     (project_root / "dvc.yaml").write_text(yaml.safe_dump(stages))
     for folder in ("models", "tasks", "serving"):
         (project_root / folder).symlink_to(REPO / folder)
@@ -158,11 +180,14 @@ def test_dvc_repro_rebuilds_and_gates_the_model_without_prefect(tiny_corpus: Pat
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
     dvc = [sys.executable, "-m", "dvc"]
     subprocess.run([*dvc, "init", "-q"], cwd=project_root, check=True, env=env)
-    first = subprocess.run([*dvc, "repro", "gates"], cwd=project_root, env=env, capture_output=True, text=True)
+    first = subprocess.run([*dvc, "repro", "quality"], cwd=project_root, env=env, capture_output=True, text=True)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     report = json.loads((project_root / "artifacts" / "gates.json").read_text())
     assert report["passed"] and set(report["gates"]) == {"codec", "s2s", "latency"}
     assert (project_root / "artifacts" / "bundle" / "bundle.json").is_file()
+    quality = json.loads((project_root / "artifacts" / "quality.json").read_text())
+    assert quality["gate"]["passed"] and quality["sets"]["replies"]["items"] == 12  # 9 emotions + 3 other speakers
+    assert 0 <= quality["sets"]["corpus"]["cer"] and quality["sets"]["corpus"]["distillmos"] > 1
 
-    again = subprocess.run([*dvc, "repro", "gates"], cwd=project_root, env=env, capture_output=True, text=True)
+    again = subprocess.run([*dvc, "repro", "quality"], cwd=project_root, env=env, capture_output=True, text=True)
     assert again.returncode == 0 and "didn't change, skipping" in again.stdout, again.stdout[-2000:]

@@ -31,6 +31,9 @@ TINY = {  # a model small enough to train in seconds on the CPU
     "s2s": {"d_model": 32, "n_layers": 1, "n_heads": 2, "max_len": 256},
     "s2s_train": {"batch_size": 2, "log_every": 1, "checkpoint_every": 4, "max_steps": 6, "warmup_steps": 2,
                   "max_turn_frames": 60},
+    "evaluation": {"threads": 1, "asr": {"channels": 16, "hidden": 16, "layers": 1, "batch_size": 4, "max_steps": 4},
+                   "classifier": {"channels": 8, "batch_size": 4, "max_steps": 4, "crop_seconds": 0.5},
+                   "corpus_items": 2, "reply_inputs": 1, "max_reply_seconds": 0.3, "mos": ["distillmos"]},
 }
 
 
@@ -41,23 +44,32 @@ def tiny_corpus(project_root: Path) -> Path:
     rows, pairs = [], []
     for split, source in (("train", "s1"), ("val", "s2"), ("test", "s3")):
         for i, text in enumerate(SENTENCES):
-            speaker = ("male_young", "female_young")[i % 2]
+            speaker, emotion = ("male_young", "female_young")[i % 2], ("neutral", "happy")[i % 2]
             sid = f"{source}--{i:04d}"
             path = f"segments/{source}/{sid}.wav"
-            atomic.write_wav(data / path, speak(text, speaker), 16000)
+            atomic.write_wav(data / path, speak(text, speaker, emotion), 16000)
             rows.append({"segment_id": sid, "path": path, "split": split, "source_id": source, "recording_id": source,
-                         "start": i * 3.0, "end": i * 3.0 + 2.0, "speaker": speaker})
+                         "start": i * 3.0, "end": i * 3.0 + 2.0, "speaker": speaker, "emotion": emotion,
+                         "text": text})
             if i % 2 == 1:
-                pairs.append({"input_segment": f"{source}--{i - 1:04d}", "reply_segment": sid, "split": split,
-                              "reply_speaker_id": 2, "reply_emotion_id": 1})
+                pairs.append({"pair_id": f"{source}--{i - 1:04d}>{i:04d}", "recording_id": source,
+                              "input_segment": f"{source}--{i - 1:04d}",
+                              "reply_segment": sid, "split": split, "reply_speaker": speaker,
+                              "reply_speaker_id": 2, "reply_emotion": emotion, "reply_emotion_id": 1})
     pd.DataFrame(rows).to_csv(data / "manifest.csv", index=False)
     (data / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     return data
 
 
-def _sets(overrides: dict) -> list[str]:
-    return [f"--set={section}.{key}={json.dumps(value)}" for section, values in overrides.items()
-            for key, value in values.items()]
+def _sets(overrides: dict, prefix: str = "") -> list[str]:
+    """--set=a.b.c=value for every leaf of a nested override dict (JSON values, no spaces)."""
+    flags = []
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            flags += _sets(value, f"{prefix}{key}.")
+        else:
+            flags.append(f"--set={prefix}{key}={json.dumps(value, separators=(',', ':'))}")
+    return flags
 
 
 def _cli(*args: str) -> list[str]:

@@ -1,0 +1,111 @@
+"""Segment text from transcripts, the quality gate, control verdicts and the sign-off report's
+quality section: fast checks on known cases."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from s2s.config import QualityGate
+from s2s.labels import EMOTIONS, SPEAKERS
+from tasks.evaluate_quality import confusion, per_label_recall, quality_markdown, working_labels
+from tasks.gates import quality_gate
+from tasks.signoff import render_report
+from tasks.sources import Source, SourcesError
+from tasks.transcripts import attach_text, segment_text
+
+TURNS = [{"start": 1.0, "end": 3.0, "text": "మొదటి"}, {"start": 3.5, "end": 5.0, "text": "రెండవ"},
+         {"start": 8.0, "end": 12.0, "text": "మూడవ"}]
+
+
+def test_a_segment_gets_the_turns_it_holds_and_none_when_it_cuts_one():
+    assert segment_text(0.9, 3.1, TURNS) == "మొదటి"
+    assert segment_text(0.9, 5.2, TURNS) == "మొదటి రెండవ"  # the segmenter merged two turns
+    assert segment_text(8.0, 10.0, TURNS) == ""  # half a turn: no reference rather than a wrong one
+    assert segment_text(5.5, 7.5, TURNS) == ""  # between turns: nothing said
+    assert segment_text(2.95, 5.0, TURNS) == "రెండవ"  # a sliver of the previous turn is padding
+
+
+def test_attach_text_reads_each_sources_transcript(tmp_path: Path):
+    (tmp_path / "truth").mkdir()
+    (tmp_path / "truth" / "a.json").write_text(json.dumps({"turns": TURNS}), encoding="utf-8")
+    sources = [Source(id="a", url="file:///a.wav", licence="x", transcript="truth/a.json"),
+               Source(id="b", url="file:///b.wav", licence="x")]
+    rows = [{"source_id": "a", "recording_id": "a", "start": 1.0, "end": 3.0},
+            {"source_id": "b", "recording_id": "b", "start": 1.0, "end": 3.0}]
+    out = attach_text(rows, sources, tmp_path / "sources.yaml")
+    assert [r["text"] for r in out] == ["మొదటి", ""]
+    broken = [Source(id="a", url="file:///a.wav", licence="x", transcript="truth/missing.json")]
+    with pytest.raises(SourcesError, match="source a: transcript .*missing.json does not exist"):
+        attach_text(rows[:1], broken, tmp_path / "sources.yaml")
+
+
+def _report(control: float = 0.5) -> dict:
+    """A quality report as evaluate_quality writes it: replies for 2 emotions and 2 speakers."""
+    emotion = [[0] * len(EMOTIONS) for _ in EMOTIONS]
+    emotion[0][0], emotion[0][1] = 3, 1  # neutral: 3 of 4 recognised
+    emotion[1][0], emotion[1][1] = 3, 1  # happy: 1 of 4
+    speaker = [[0] * len(SPEAKERS) for _ in SPEAKERS]
+    speaker[0][0] = 4
+    return {
+        "sets": {"corpus": {"dnsmos_p808": 3.2, "cer": 0.08, "telugu_accuracy": 0.92, "emotion_accuracy": 0.9,
+                            "speaker_accuracy": 1.0, "distillmos": 2.6},
+                 "codec_roundtrip": {"dnsmos_p808": 2.5, "cer": 0.4, "telugu_accuracy": 0.6},
+                 "replies": {"dnsmos_p808": 1.6, "dnsmos_p808_vs_corpus": 0.5, "cer": 0.95, "telugu_accuracy": 0.05,
+                             "emotion_control": control, "speaker_control": 1.0, "emotions_working": 1.0,
+                             "speakers_working": 1.0}},
+        "confusion": {"replies": {"emotion": emotion, "speaker": speaker}},
+        "labels": {"emotion": list(EMOTIONS), "speaker": list(SPEAKERS)}, "working_share": 0.5,
+        "evaluators": {"runs": {"asr": "run-asr", "emotion": "run-emo", "speaker": "run-spk"}},
+    }
+
+
+def test_working_labels_come_from_the_requested_rows_of_the_confusion_matrix():
+    report = _report()
+    matrix = report["confusion"]["replies"]["emotion"]
+    assert per_label_recall(matrix, EMOTIONS) == {"neutral": 0.75, "happy": 0.25}
+    assert working_labels(matrix, EMOTIONS, 0.5) == ["neutral"]
+    everything_empathy = [[0] * len(EMOTIONS) for _ in EMOTIONS]
+    for row in everything_empathy:
+        row[EMOTIONS.index("empathy")] = 4  # a model whose every reply sounds the same
+    assert per_label_recall(everything_empathy, EMOTIONS)["empathy"] == 1.0
+    assert working_labels(everything_empathy, EMOTIONS, 0.5) == [], "recall alone would tick empathy"
+    assert confusion(["happy", "neutral", "nobody"], ["happy", "happy", "happy"], EMOTIONS)[1][1] == 1
+    assert "| neutral | 3 | 1 |" in quality_markdown(report)
+
+
+def test_the_quality_gate_checks_what_the_profile_sets_and_fails_on_missing_figures():
+    report = _report()
+    judges_only = QualityGate(min_evaluator_accuracy=0.8, max_evaluator_cer=0.35)
+    gate = quality_gate(report, judges_only)
+    assert gate.passed and {c.metric for c in gate.checks} == {"corpus.emotion_accuracy", "corpus.speaker_accuracy",
+                                                               "corpus.cer"}
+    strict = QualityGate(min_evaluator_accuracy=0.8, max_evaluator_cer=0.35, min_emotion_control=0.85,
+                         max_reply_cer=0.1, min_reply_mos_ratio=0.9)
+    failed = quality_gate(report, strict)
+    assert not failed.passed
+    assert "replies.emotion_control 0.5 misses >= 0.85" in failed.reason and "replies.cer 0.95 misses" in failed.reason
+    del report["sets"]["corpus"]["cer"]
+    assert "corpus.cer not measured" in quality_gate(report, judges_only).reason
+
+
+def test_the_signoff_report_shows_each_quality_item_with_its_ceiling_verdict_and_runs():
+    report = _report()
+    metrics = {f"{name}.{k}": v for name, figures in report["sets"].items() for k, v in figures.items()}
+    info = {"name": "telugu-s2s", "version": "3", "aliases": ["challenger"], "run_id": "run-reg",
+            "tags": {"profile": "smoke", "gates_passed": "true"},
+            "evaluation": {"metrics": {"quality": metrics}, "gates": {}, "quality": report,
+                           "runs": {"quality": "run-quality"}}}
+    text = render_report(info, ["technical_lead"])
+    assert "| MOS > 4.0 | >= 4 | 1.6 | ❌ misses |" in text
+    assert "| Emotion recognition > 85% | >= 0.85 | 0.5 | ❌ misses |" in text
+    assert "| DNSMOS P.808 | 1.60 | 3.20 | 2.50 |" in text  # replies, ceiling, round trip
+    assert "| Telugu accuracy (1 - CER) | 5.0% | 92.0% | 60.0% |" in text
+    assert "| neutral | 4 | 75% | 50% | ✅ yes |" in text and "| happy | 4 | 25% | 50% | ❌ no |" in text
+    assert "| laugh | 0 | — | — | — not measured |" in text
+    assert "`run-quality`" in text and "`run-asr`" in text
+    assert "not measured yet" not in text
+    bare = render_report({**info, "evaluation": {"metrics": {}, "gates": {}}}, ["technical_lead"])
+    assert "| MOS > 4.0 | >= 4 | — | — not measured |" in bare
