@@ -203,7 +203,8 @@ class LatencyGate(_Section):
 class QualityGate(_Section):
     """Thresholds on what the quality evaluators measure (tasks/evaluate_quality.py); null = reported only.
     MOS is judged relative to the corpus's own audio (its ceiling), the rest as absolute figures."""
-    min_evaluator_accuracy: float | None = None   # emotion/speaker classifiers on held-out corpus audio
+    min_emotion_judge_accuracy: float | None = None  # the emotion classifier on held-out corpus audio
+    min_speaker_judge_accuracy: float | None = None  # the speaker classifier on held-out corpus audio
     max_evaluator_cer: float | None = None        # the recognizer on held-out corpus audio
     min_reply_mos_ratio: float | None = None      # DNSMOS P.808 of replies / of corpus audio
     min_reply_mos: float | None = None            # DNSMOS P.808 of replies (checklist: MOS > 4.0)

@@ -115,9 +115,9 @@ def quality_gate(report: dict[str, Any], cfg: QualityGate) -> GateResult:
     sets = report.get("sets", {})
     corpus, roundtrip, replies = (sets.get(k, {}) for k in ("corpus", "codec_roundtrip", "replies"))
     planned = [
-        ("corpus.emotion_accuracy", corpus.get("emotion_accuracy"), ">=", cfg.min_evaluator_accuracy,
+        ("corpus.emotion_accuracy", corpus.get("emotion_accuracy"), ">=", cfg.min_emotion_judge_accuracy,
          "emotion classifier on held-out corpus audio"),
-        ("corpus.speaker_accuracy", corpus.get("speaker_accuracy"), ">=", cfg.min_evaluator_accuracy,
+        ("corpus.speaker_accuracy", corpus.get("speaker_accuracy"), ">=", cfg.min_speaker_judge_accuracy,
          "speaker classifier on held-out corpus audio"),
         ("corpus.cer", corpus.get("cer"), "<=", cfg.max_evaluator_cer, "recognizer on held-out corpus audio"),
         ("codec_roundtrip.cer", roundtrip.get("cer"), "<=", cfg.max_roundtrip_cer, ""),

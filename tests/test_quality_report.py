@@ -78,11 +78,12 @@ def test_working_labels_come_from_the_requested_rows_of_the_confusion_matrix():
 
 def test_the_quality_gate_checks_what_the_profile_sets_and_fails_on_missing_figures():
     report = _report()
-    judges_only = QualityGate(min_evaluator_accuracy=0.8, max_evaluator_cer=0.35)
+    judges_only = QualityGate(min_emotion_judge_accuracy=0.8, min_speaker_judge_accuracy=0.9, max_evaluator_cer=0.35)
     gate = quality_gate(report, judges_only)
     assert gate.passed and {c.metric for c in gate.checks} == {"corpus.emotion_accuracy", "corpus.speaker_accuracy",
                                                                "corpus.cer"}
-    strict = QualityGate(min_evaluator_accuracy=0.8, max_evaluator_cer=0.35, min_emotion_control=0.85,
+    strict = QualityGate(min_emotion_judge_accuracy=0.8, min_speaker_judge_accuracy=0.9, max_evaluator_cer=0.35,
+                         min_emotion_control=0.85,
                          max_reply_cer=0.1, min_reply_mos_ratio=0.9)
     failed = quality_gate(report, strict)
     assert not failed.passed

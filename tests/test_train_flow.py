@@ -20,7 +20,7 @@ LENIENT = {  # a tiny model trained for seconds passes these; the production fig
               "beat_baseline": False},
     "s2s": {"max_cross_entropy": 100.0, "max_perplexity": 1e9, "max_uniform_ratio": 100.0},
     "latency": {"max_mean_ms": 2000.0, "max_p95_ms": 5000.0, "max_std_ms": 2000.0},  # a busy CI runner
-    "quality": {"min_evaluator_accuracy": 0.0, "max_evaluator_cer": 100.0},  # evaluators trained for 4 steps
+    "quality": {"min_emotion_judge_accuracy": 0.0, "min_speaker_judge_accuracy": 0.0, "max_evaluator_cer": 100.0},  # evaluators trained for 4 steps
 }
 
 
