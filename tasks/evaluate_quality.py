@@ -196,7 +196,8 @@ def generate_replies(bundle: ModelBundle, requests: list[ReplyRequest], params: 
     """Replies to every request under every condition, batched per request (one user turn, 12
     voices). A row ends at its first PAD frame (EOS); each row is decoded on its own."""
     cfg = params.evaluation
-    settings = GenerationSettings(cfg.temperature, cfg.top_k, cfg.max_reply_seconds, 15.0, 0.2)
+    settings = GenerationSettings(cfg.temperature, cfg.top_k, cfg.max_reply_seconds,
+                                  params.serving.max_utterance_seconds, params.serving.min_reply_seconds)
     codec, model = bundle.codec, bundle.s2s
     generator = torch.Generator().manual_seed(params.evaluation.asr.seed)
     replies: list[Clip] = []
