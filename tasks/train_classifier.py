@@ -29,7 +29,6 @@ the held-out scoring and the atomic writes (checkpoint, result.json last, then t
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -318,22 +317,3 @@ def train_classifier(params: Params, label: Label, force: bool = False, parent_r
         tracker.log_artifact(out_dir / "confusion.json")
         tracker.log_artifact(out_dir / "result.json")
     return result
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    from s2s.config import load_params
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("label", choices=sorted(VOCABULARIES))
-    parser.add_argument("--profile", default=None)
-    parser.add_argument("--force", action="store_true")
-    parser.add_argument("--no-mlflow", action="store_true")
-    args = parser.parse_args(argv)
-    result = train_classifier(load_params(args.profile), args.label, force=args.force, use_mlflow=not args.no_mlflow)
-    print(json.dumps(asdict(result), indent=2))
-
-
-if __name__ == "__main__":
-    main()
