@@ -72,7 +72,8 @@ class CausalConv1d(nn.Conv1d):
         if n_out == 0:
             return x.new_zeros(x.shape[0], self.out_channels, 0), ConvState(x)
         used = (n_out - 1) * stride + self.receptive_field
-        y = super().forward(x[..., :used])
+        # Slice only when inputs are left over: an exported graph keeps even a slice of everything.
+        y = super().forward(x[..., :used] if used < x.shape[-1] else x)
         return y, ConvState(x[..., n_out * stride:])
 
 
@@ -107,10 +108,19 @@ class CausalConvTranspose1d(nn.ConvTranspose1d):
         """
         if x.shape[-1] == 0:
             return x.new_zeros(x.shape[0], self.out_channels, 0), state
-        y = F.conv_transpose1d(x, self.weight, None, stride=self.stride)
-        y = y + F.pad(state.tail, (0, y.shape[-1] - self.overhang))
         n_out = x.shape[-1] * self.stride[0]
-        out = y[..., :n_out]
+        if x.shape[-1] == 1:
+            # One input frame (the per-frame decode): the transposed conv is a vector-matrix
+            # product, (B, C_in) @ (C_in, C_out * kernel), which skips the col2im of the general
+            # kernel (faster in eager PyTorch and on ONNX Runtime alike).
+            y = (x[..., 0] @ self.weight.reshape(self.in_channels, -1)).view(x.shape[0], self.out_channels, -1)
+        else:
+            y = F.conv_transpose1d(x, self.weight, None, stride=self.stride)
+        if self.overhang == n_out:  # the tail covers the emitted part exactly: add it, no padding
+            out = y[..., :n_out] + state.tail
+        else:
+            y = y + F.pad(state.tail, (0, y.shape[-1] - self.overhang))
+            out = y[..., :n_out]
         if self.bias is not None:
             out = out + self.bias[:, None]
         return out, ConvTransposeState(y[..., n_out:])
