@@ -276,6 +276,22 @@ class ReconstructionLoss(nn.Module):
         return {"stft": stft, "mel": mel, "total": stft + mel}
 
 
+def snr_loss(pred: Tensor, target: Tensor, floor: float = 1e-7) -> Tensor:
+    """Mean over the batch of the negative SNR in dB: 10 log10(|target - pred|^2 / |target|^2).
+
+    Why this and not L1 on samples: the spectral losses are blind to phase, and L1 lets a decoder
+    that has not found the phase lower its error by shrinking its output toward silence. The log
+    ratio's gradient does not fade as the output shrinks, so it keeps pulling toward the waveform.
+    Measured on the smoke codec: with L1 (weight 50) the output stayed uncorrelated with the input
+    (SNR -0.44 dB after 1200 steps); with this loss it became correlated within 400 steps.
+    `floor` (mean power, about -70 dBFS) keeps a near-silent crop from dominating the batch.
+    """
+    pred, target = pred.float(), target.float()
+    error = (target - pred).pow(2).mean(dim=-1)
+    power = target.pow(2).mean(dim=-1)
+    return (10 * torch.log10((error + floor) / (power + floor))).mean()
+
+
 @lru_cache(maxsize=8)
 def _reconstruction_loss(sample_rate: int, device: torch.device) -> ReconstructionLoss:
     return ReconstructionLoss(sample_rate).to(device)

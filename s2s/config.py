@@ -169,6 +169,7 @@ class S2SModelConfig(_Section):
     n_heads: int
     max_len: int
     dropout: float
+    attention_dropout: float
 
 
 class S2STrainConfig(_TrainConfig):

@@ -68,8 +68,8 @@ class GateFailed(RuntimeError):
 
 
 def codec_gate(metrics: dict[str, float], baselines: dict[str, dict[str, float]], cfg: CodecGate) -> GateResult:
-    """Test-split codec metrics; with beat_baseline, mel distance and STOI must also beat 8-bit
-    mu-law PCM at the codec's own bitrate (the trivial codec any candidate must outdo)."""
+    """Test-split codec metrics; with beat_baseline, SNR, mel distance and STOI must also beat
+    8-bit mu-law PCM at the codec's own bitrate (the trivial codec any candidate must outdo)."""
     gate = GateResult("codec", [
         Check("snr_db", metrics.get("snr_db"), ">=", cfg.min_snr_db),
         Check("mel_distance", metrics.get("mel_distance"), "<=", cfg.max_mel_distance),
@@ -81,6 +81,8 @@ def codec_gate(metrics: dict[str, float], baselines: dict[str, dict[str, float]]
         gate.checks.append(Check("pesq_wb", metrics.get("pesq_wb"), ">=", cfg.min_pesq_wb))
     mulaw = baselines.get("mulaw_same_bitrate", {})
     if cfg.beat_baseline:
+        gate.checks.append(Check("snr_db", metrics.get("snr_db"), ">=", mulaw.get("snr_db", float("inf")),
+                                 "mu-law at the same bitrate"))
         gate.checks.append(Check("mel_distance", metrics.get("mel_distance"), "<=",
                                  mulaw.get("mel_distance", float("-inf")), "mu-law at the same bitrate"))
         gate.checks.append(Check("stoi", metrics.get("stoi"), ">=", mulaw.get("stoi", float("inf")),

@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from models.codec import CodecConfig, STFTDiscriminator, TeluCodec, reconstruction_loss
+from models.codec import CodecConfig, STFTDiscriminator, TeluCodec, reconstruction_loss, snr_loss
 from models.quantizer import ResidualVectorQuantizer, VectorQuantizer
 from models.streaming import CausalConv1d, CausalConvTranspose1d, ResidualUnit, StreamingSequential
 
@@ -70,14 +70,18 @@ def test_causal_conv_step_matches_forward(stride: int, dilation: int, kernel: in
         assert torch.allclose(stream(conv, x, [1, 7, 2, 13]), full, atol=1e-6)
 
 
-def test_conv_transpose_and_residual_step_match_forward() -> None:
+@pytest.mark.parametrize("kernel,stride", [(10, 5), (6, 2), (7, 3), (4, 4), (3, 1)])
+def test_conv_transpose_and_residual_step_match_forward(kernel: int, stride: int) -> None:
+    """Single frames (the vector-matrix path, whether the tail is shorter than, as long as or
+    longer than a frame's output) and longer chunks (the transposed conv) join up the same."""
     torch.manual_seed(0)
-    up = CausalConvTranspose1d(4, 3, kernel_size=10, stride=5)
+    up = CausalConvTranspose1d(4, 3, kernel_size=kernel, stride=stride)
     x = torch.randn(2, 4, 12)
     with torch.no_grad():
         full = up(x)
-        assert full.shape[-1] == 12 * 5
+        assert full.shape[-1] == 12 * stride
         assert torch.allclose(stream(up, x, [1, 3, 0, 2]), full, atol=1e-6)
+        assert torch.allclose(stream(up, x, [1]), full, atol=1e-6)
         block = StreamingSequential(ResidualUnit(4, 3, dilation=3), torch.nn.ELU(), CausalConv1d(4, 4, 4, stride=2))
         x = torch.randn(2, 4, 40)
         assert torch.allclose(stream(block, x, [5, 1, 9]), block(x), atol=1e-6)
@@ -122,6 +126,56 @@ def test_onnx_streaming_decode_equals_full_decode(codec: TeluCodec) -> None:
     np.testing.assert_allclose(np.concatenate(frames, axis=-1), full[1:2], atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="exported for batch 1"):
         single.init_state(3)
+
+
+def test_onnx_bound_state_decode_equals_full_decode(codec: TeluCodec) -> None:
+    """`step_bound` (state in buffers bound to the session, advanced in place) gives the samples
+    of `decode` over many frames, keeps each stream's state apart, and hands its state over to and
+    from the functional `step`."""
+    from models.codec_onnx import OnnxStreamingDecoder
+
+    codes = torch.randint(0, 256, (2, 4, 60), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = codec.decode(codes).numpy()
+    single = OnnxStreamingDecoder(codec, batch=1)
+    first, second = single.init_bound_state(), single.init_bound_state()  # two streams, one decoder
+    frames: list[list[np.ndarray]] = [[], []]
+    for f in range(codes.shape[-1]):
+        audio = single.step_bound(codes[0:1, :, f:f + 1], first)
+        assert audio.shape == (1, 1, 320) and audio.dtype == np.float32
+        frames[0].append(audio)
+        frames[1].append(single.step_bound(codes[1:2, :, f:f + 1].numpy().astype(np.int16), second))
+    assert not np.shares_memory(frames[0][-1], frames[0][-2])  # each frame's audio is the caller's
+    for b in range(2):
+        np.testing.assert_allclose(np.concatenate(frames[b], axis=-1), full[b:b + 1], atol=1e-5, rtol=0)
+
+    # bound -> functional -> bound, halfway through: the same samples
+    resumed, tail = single.init_bound_state(), []
+    for f in range(30):
+        single.step_bound(codes[0:1, :, f:f + 1], resumed)
+    arrays = resumed.arrays()
+    for f in range(30, 45):
+        audio, arrays = single.step(codes[0:1, :, f:f + 1], arrays)
+        tail.append(audio)
+    resumed = single.init_bound_state(state=arrays)
+    tail += [single.step_bound(codes[0:1, :, f:f + 1], resumed) for f in range(45, 60)]
+    np.testing.assert_allclose(np.concatenate(tail, axis=-1), full[0:1, :, 30 * 320:], atol=1e-5, rtol=0)
+
+    batched = OnnxStreamingDecoder(codec, batch=None)  # a dynamic batch binds per state's batch
+    state = batched.init_bound_state(2)
+    audio = np.concatenate([batched.step_bound(codes[..., f:f + 1], state) for f in range(5)], axis=-1)
+    np.testing.assert_allclose(audio, full[..., :5 * 320], atol=1e-5, rtol=0)
+
+    with pytest.raises(ValueError, match="state is for batch 2, got codes of batch 1"):
+        batched.step_bound(codes[:1, :, :1], state)
+    with pytest.raises(ValueError, match="belongs to another decoder"):
+        single.step_bound(codes[:1, :, :1], batched.init_bound_state(1))
+    with pytest.raises(ValueError, match=r"expected codes \(batch, 4, 1\)"):
+        single.step_bound(codes[:1, :, :2], first)
+    with pytest.raises(ValueError, match="make it with init_state"):
+        single.init_bound_state(state=batched.init_state(2))
+    with pytest.raises(ValueError, match="exported for batch 1"):
+        single.init_bound_state(2)
 
 
 def test_streaming_encode_equals_full_encode(codec: TeluCodec) -> None:
@@ -211,6 +265,23 @@ def test_overfits_one_example() -> None:
         optimizer.step()
         losses.append(loss.item())
     assert min(losses[-5:]) < 0.7 * losses[0], losses
+
+
+def test_snr_loss_on_known_cases() -> None:
+    """-SNR in dB: silence as the estimate is 0 dB, noise 20 dB below the signal is -20 dB, the
+    signal itself is limited by the floor, and shrinking an uncorrelated estimate cannot beat 0."""
+    torch.manual_seed(0)
+    signal = 0.1 * torch.sin(2 * math.pi * 200 * torch.arange(SR) / SR).view(1, 1, -1).repeat(2, 1, 1)
+    noise = torch.randn_like(signal)
+    noise *= signal.pow(2).mean().sqrt() / noise.pow(2).mean().sqrt() / 10      # 20 dB below
+    assert abs(float(snr_loss(torch.zeros_like(signal), signal))) < 1e-3
+    assert abs(float(snr_loss(signal + noise, signal)) + 20.0) < 0.1
+    assert float(snr_loss(signal, signal)) < -40.0   # floor 1e-7 against power 5e-3: -47 dB
+    unrelated = 0.1 * torch.randn_like(signal)
+    assert all(float(snr_loss(g * unrelated, signal)) > 0 for g in (0.1, 0.5, 1.0))
+    pred = (signal + noise).requires_grad_()
+    snr_loss(pred, signal).backward()
+    assert torch.isfinite(pred.grad).all() and pred.grad.abs().sum() > 0
 
 
 def test_stft_discriminator_losses() -> None:

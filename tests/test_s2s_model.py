@@ -225,3 +225,22 @@ def test_default_config_size():
     assert model.config.vocab_size == 259 and model.config.eos_id == 258
     assert model.num_parameters() == sum(p.numel() for p in model.parameters())
     assert 3_000_000 < model.num_parameters() < 5_000_000
+
+
+@pytest.mark.parametrize(("dropout", "attention_dropout"), [(0.3, 0.0), (0.0, 0.3)])
+def test_each_dropout_acts_in_training_only(dropout: float, attention_dropout: float):
+    """Residual and attention dropout are separate settings (attention dropout is slow on the CPU):
+    each alone makes training passes random, and neither touches evaluation."""
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    model = S2STransformer(replace(TINY, dropout=dropout, attention_dropout=attention_dropout))
+    inputs, _, _ = build_training_example(random_codes(4, 9), random_codes(4, 6, seed=1), TINY)
+    tokens, speaker, emotion = inputs[None], ids(1), ids(2)
+    model.train()
+    assert not torch.allclose(model(tokens, speaker, emotion), model(tokens, speaker, emotion))
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens, speaker, emotion), model(tokens, speaker, emotion))
+    attention = model.blocks[0].attn
+    assert attention.dropout == attention_dropout
