@@ -105,6 +105,8 @@ class TeluCodec(nn.Module):
     """Codec with offline (`encode`/`decode`) and streaming (`encode_step`/`decode_step`) paths
     that give the same codes and samples; the streaming state lives with the caller."""
 
+    kind = "conv"
+
     def __init__(self, config: CodecConfig | None = None) -> None:
         super().__init__()
         self.config = cfg = config or CodecConfig()
@@ -120,6 +122,11 @@ class TeluCodec(nn.Module):
     @property
     def frame_rate(self) -> float:
         return self.config.frame_rate
+
+    @property
+    def delay_samples(self) -> int:
+        """Output sample s reconstructs input sample s: causal encoder and decoder line up."""
+        return 0
 
     def bitrate(self) -> float:
         """Bits per second of the codes: frame_rate * n_codebooks * log2(codebook_size)."""

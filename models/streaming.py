@@ -42,8 +42,9 @@ class CausalConv1d(nn.Conv1d):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int,
-                 stride: int = 1, dilation: int = 1, bias: bool = True) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride=stride, dilation=dilation, bias=bias)
+                 stride: int = 1, dilation: int = 1, bias: bool = True, groups: int = 1) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, dilation=dilation, bias=bias,
+                         groups=groups)
         self.receptive_field = dilation * (kernel_size - 1) + 1
         self.causal_padding = self.receptive_field - stride
         if self.causal_padding < 0:

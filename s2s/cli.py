@@ -422,7 +422,11 @@ def train_codec_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str
     except (CorpusError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     if result.metrics:
-        _print_scores("codec (test split)", {"TeluCodec": result.metrics, **result.baselines})
+        rows = {"TeluCodec": result.metrics, **result.baselines}
+        _print_scores("codec (test split)", {n: {k: v for k, v in r.items() if not k.startswith("unseen_")}
+                                             for n, r in rows.items()})
+        _print_scores("codec (unseen voices)", {n: {k.removeprefix("unseen_"): v for k, v in r.items()
+                                                    if k.startswith("unseen_")} for n, r in rows.items()})
         if result.cached:
             console.print("[dim]reused the finished run: corpus, settings and code unchanged (--force retrains)[/]")
         console.print(f"{result.steps} steps in {result.seconds:.0f} s, {result.bitrate_bps:.0f} bps; "

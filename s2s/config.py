@@ -123,14 +123,38 @@ class CostConfig(_Section):
     cpu_hour_usd: float
 
 
-class CodecModelConfig(_Section):
-    sample_rate: int
+class ConvCodecConfig(_Section):
+    """TeluCodec v1: SEANet-style convolutions at the sample rate (models/codec.py)."""
     channels: int
     latent_dim: int
     strides: tuple[int, ...]
+    kernel_size: int
+
+
+class MelCodecSection(_Section):
+    """TeluCodec v2: log-mel front end, k-means RVQ, causal vocoder (models/mel_codec.py)."""
+    hop_length: int
+    mel_n_fft: int
+    n_mels: int
+    vocoder_n_fft: int
+    vocoder_dim: int
+    vocoder_layers: int
+    vocoder_kernel: int
+
+
+class CodecModelConfig(_Section):
+    kind: Literal["mel", "conv"]
+    sample_rate: int
     n_codebooks: int
     codebook_size: int
-    kernel_size: int
+    mel: MelCodecSection
+    conv: ConvCodecConfig
+
+    def architecture(self) -> dict[str, Any]:
+        """The config dict of the chosen kind, as models.codecs.codec_from_config takes it."""
+        shape = self.mel if self.kind == "mel" else self.conv
+        return {"kind": self.kind, "sample_rate": self.sample_rate, "n_codebooks": self.n_codebooks,
+                "codebook_size": self.codebook_size, **shape.model_dump(mode="json")}
 
 
 class _TrainConfig(_Section):
@@ -155,6 +179,9 @@ class _TrainConfig(_Section):
 class CodecTrainConfig(_TrainConfig):
     crop_seconds: float
     waveform_weight: float
+    kmeans_iterations: int
+    gain_augment_db: float
+    unseen_items: int
     adversarial: bool
     eval_items: int
 
@@ -178,15 +205,17 @@ class S2STrainConfig(_TrainConfig):
 
 
 class CodecGate(_Section):
-    """Floors and ceilings for the codec's test-split metrics; `beat_baseline` also asks it to
-    beat 8-bit mu-law PCM at the same bitrate on mel distance and STOI."""
+    """Floors and ceilings for the codec's test-split metrics (null: reported, not gated);
+    `beat_baseline` also asks it to beat 8-bit mu-law PCM at the same bitrate, and every codec
+    named in `beat_codecs` (tasks/codec_baselines.py) to be matched on STOI and PESQ-wb."""
 
-    min_snr_db: float
+    min_snr_db: float | None = None
     min_si_sdr_db: float | None = None
     max_mel_distance: float
     min_stoi: float
     min_pesq_wb: float | None = None
     beat_baseline: bool = True
+    beat_codecs: tuple[str, ...] = ()
 
 
 class S2SGate(_Section):

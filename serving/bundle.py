@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from models.codec import TeluCodec
+from models.codecs import Codec, codec_from_config
 from models.s2s_transformer import S2SConfig, S2STransformer
 from tasks import atomic
 from tasks.stamps import file_sha256
@@ -42,7 +42,7 @@ class BundleError(ValueError):
 class ModelBundle:
     """The two models in eval mode, and the bundle's metadata."""
 
-    codec: TeluCodec
+    codec: Codec
     s2s: S2STransformer
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -99,7 +99,7 @@ def load_bundle_dir(bundle_dir: Path, device: torch.device | str = "cpu", verify
     s2s_state = torch.load(bundle_dir / S2S_FILE, map_location="cpu", weights_only=True)
     if s2s_state["codec_config"] != codec_state["config"]:
         raise BundleError(f"{bundle_dir}: the S2S model was trained on another codec's tokens")
-    codec = TeluCodec.from_config_dict(codec_state["config"])
+    codec = codec_from_config(codec_state["config"])
     codec.load_checkpoint_state(codec_state["model"], codec_state["config"])
     s2s_config = S2SConfig(**s2s_state["config"])
     if (s2s_config.n_codebooks, s2s_config.codebook_size) != (codec.config.n_codebooks, codec.config.codebook_size):

@@ -15,14 +15,14 @@ from __future__ import annotations
 import resource
 import statistics
 import time
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from models.codec import CodecConfig, TeluCodec
-from models.s2s_transformer import S2SConfig, S2STransformer, undelay
+from models.codec import TeluCodec
+from models.codecs import Codec, codec_from_config
+from models.s2s_transformer import S2SConfig, S2STransformer
 from s2s.config import Params
 from tasks.tokenize_corpus import load_codec
 from tasks.training import load_checkpoint
@@ -42,17 +42,38 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def trained_codec(params: Params) -> tuple[TeluCodec, str]:
+def trained_codec(params: Params) -> tuple[Codec, str]:
     checkpoint = params.path(params.codec_train.out_dir) / "last.pt"
     if checkpoint.is_file():
-        return load_codec(checkpoint), str(checkpoint)
-    return TeluCodec(CodecConfig.from_dict(params.codec.model_dump(mode="json"))).eval(), "untrained (params.yaml)"
+        return load_codec(checkpoint), str(checkpoint.relative_to(params.root))
+    return codec_from_config(params.codec.architecture()).eval(), "untrained (params.yaml)"
+
+
+def previous_codec(params: Params) -> Codec:
+    """TeluCodec v1 as it last shipped (4 x 256 codes, 1.6 kbps): the baseline of the cost ratios.
+    Untrained weights cost the same as trained ones."""
+    config = {"kind": "conv", "sample_rate": params.codec.sample_rate, "n_codebooks": 4, "codebook_size": 256,
+              **params.codec.conv.model_dump(mode="json")}
+    return codec_from_config(config).eval()
 
 
 @torch.inference_mode()
 def bench_codec(params: Params, seconds: float = 10.0, frames: int = 250, repeats: int = 5, threads: int = 1) -> dict:
+    """The codec's speed, and the same figures for the previous model (v1) measured in this run,
+    with `*_vs_previous` ratios (> 1: the new codec is faster)."""
     torch.set_num_threads(threads)
     codec, source = trained_codec(params)
+    report = {"model": source, **_bench_one(codec, seconds, frames, repeats, threads)}
+    previous = _bench_one(previous_codec(params), seconds, frames, repeats, threads)
+    report |= {f"previous_{k}": v for k, v in previous.items()}
+    for key in ("encode_x_realtime", "decode_x_realtime", "stream_decode_x_realtime",
+                "stream_decode_x_realtime_per_session_batch_64"):
+        report[f"{key}_vs_previous"] = round(report[key] / previous[key], 2)
+    report["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+    return report
+
+
+def _bench_one(codec: Codec, seconds: float, frames: int, repeats: int, threads: int) -> dict:
     sr, hop = codec.config.sample_rate, codec.hop_length
     rng = np.random.default_rng(0)
     wav = torch.from_numpy((0.1 * rng.standard_normal(int(seconds * sr))).astype(np.float32))[None, None]
@@ -82,9 +103,10 @@ def bench_codec(params: Params, seconds: float = 10.0, frames: int = 250, repeat
         frame = codes[..., :1].expand(sessions, -1, -1).contiguous()
         step_s = _median_seconds(lambda: codec.decode_step(frame, state), repeats * 4)
         batched[f"stream_decode_x_realtime_per_session_batch_{sessions}"] = round(frame_ms / (1000 * step_s / sessions), 1)
-    onnx = _onnx_stream_decode(codec, codes, frames, repeats, frame_ms, median_ms)
+    # ONNX Runtime decode exists for v1 only (models/codec_onnx.py).
+    onnx = _onnx_stream_decode(codec, codes, frames, repeats, frame_ms, median_ms) if codec.kind == "conv" else {}
     return {
-        "model": source,
+        "kind": codec.kind,
         "bitrate_bps": codec.bitrate(),
         "threads": threads,
         "encode_x_realtime": round(seconds / encode_s, 1),
@@ -96,7 +118,6 @@ def bench_codec(params: Params, seconds: float = 10.0, frames: int = 250, repeat
         **batched,
         **onnx,
         "stream_vs_whole_decode_cost_ratio": round(median_ms / whole_per_frame_ms, 2),
-        "peak_rss_mb": round(_peak_rss_mb(), 1),
     }
 
 

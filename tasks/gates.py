@@ -68,25 +68,26 @@ class GateFailed(RuntimeError):
 
 
 def codec_gate(metrics: dict[str, float], baselines: dict[str, dict[str, float]], cfg: CodecGate) -> GateResult:
-    """Test-split codec metrics; with beat_baseline, SNR, mel distance and STOI must also beat
-    8-bit mu-law PCM at the codec's own bitrate (the trivial codec any candidate must outdo)."""
-    gate = GateResult("codec", [
-        Check("snr_db", metrics.get("snr_db"), ">=", cfg.min_snr_db),
-        Check("mel_distance", metrics.get("mel_distance"), "<=", cfg.max_mel_distance),
-        Check("stoi", metrics.get("stoi"), ">=", cfg.min_stoi),
-    ])
-    if cfg.min_si_sdr_db is not None:
-        gate.checks.append(Check("si_sdr_db", metrics.get("si_sdr_db"), ">=", cfg.min_si_sdr_db))
-    if cfg.min_pesq_wb is not None:
-        gate.checks.append(Check("pesq_wb", metrics.get("pesq_wb"), ">=", cfg.min_pesq_wb))
-    mulaw = baselines.get("mulaw_same_bitrate", {})
+    """Test-split codec metrics against floors, then against reference codecs measured on the
+    same audio: with beat_baseline, mel distance and STOI (and SNR when it is gated) must beat
+    8-bit mu-law PCM at the codec's own bitrate; each codec in beat_codecs (e.g. Codec2 at
+    1.6 kbps) must be matched or beaten on STOI and PESQ-wb."""
+    planned = [("snr_db", ">=", cfg.min_snr_db), ("si_sdr_db", ">=", cfg.min_si_sdr_db),
+               ("mel_distance", "<=", cfg.max_mel_distance), ("stoi", ">=", cfg.min_stoi),
+               ("pesq_wb", ">=", cfg.min_pesq_wb)]
+    gate = GateResult("codec", [Check(metric, metrics.get(metric), op, threshold)
+                                for metric, op, threshold in planned if threshold is not None])
     if cfg.beat_baseline:
-        gate.checks.append(Check("snr_db", metrics.get("snr_db"), ">=", mulaw.get("snr_db", float("inf")),
-                                 "mu-law at the same bitrate"))
-        gate.checks.append(Check("mel_distance", metrics.get("mel_distance"), "<=",
-                                 mulaw.get("mel_distance", float("-inf")), "mu-law at the same bitrate"))
-        gate.checks.append(Check("stoi", metrics.get("stoi"), ">=", mulaw.get("stoi", float("inf")),
-                                 "mu-law at the same bitrate"))
+        mulaw = baselines.get("mulaw_same_bitrate", {})
+        compared = [("mel_distance", "<="), ("stoi", ">=")] + ([("snr_db", ">=")] if cfg.min_snr_db is not None else [])
+        for metric, op in compared:
+            missing = float("inf") if op == ">=" else float("-inf")  # an unmeasured baseline cannot be beaten
+            gate.checks.append(Check(metric, metrics.get(metric), op, mulaw.get(metric, missing),
+                                     "mu-law at the same bitrate"))
+    for name in cfg.beat_codecs:
+        reference = baselines.get(name, {})
+        for metric in ("stoi", "pesq_wb"):
+            gate.checks.append(Check(metric, metrics.get(metric), ">=", reference.get(metric, float("inf")), name))
     return gate
 
 

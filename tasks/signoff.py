@@ -107,11 +107,16 @@ def render_report(info: dict[str, Any], required_roles: list[str], tracking: str
     lines += quality_section(evaluation.get("quality"), evaluation.get("runs", {}))
     metrics = evaluation.get("metrics", {})
     if metrics.get("codec_baselines"):
-        lines += ["", "## Codec against trivial baselines (test split)", "", "| codec | snr_db | mel_distance | stoi |",
-                  "|---|---|---|---|"]
-        for label, row in {"TeluCodec": metrics.get("codec", {}), **metrics["codec_baselines"]}.items():
-            lines.append(f"| {label} | " + " | ".join(f"{row.get(k, float('nan')):.3f}"
-                                                       for k in ("snr_db", "mel_distance", "stoi")) + " |")
+        rows = {"TeluCodec": metrics.get("codec", {}), **metrics["codec_baselines"]}
+        columns = ("stoi", "pesq_wb", "mel_distance", "snr_db", "delay_ms")
+        for title, prefix in (("test split", ""), ("unseen voices", "unseen_")):
+            if not any(f"{prefix}stoi" in row for row in rows.values()):
+                continue
+            lines += ["", f"## Codec against reference codecs on the same audio ({title})", "",
+                      "| codec | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+            for label, row in rows.items():
+                lines.append(f"| {label} | " + " | ".join(
+                    "-" if row.get(prefix + k) is None else f"{row[prefix + k]:.3f}" for k in columns) + " |")
     if metrics.get("cost"):
         lines += ["", "## Cost", "", "| figure | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" for k, v in metrics["cost"].items()]

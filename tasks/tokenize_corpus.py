@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.codec import TeluCodec
+from models.codecs import Codec, codec_from_config
 from s2s.config import Params
 from tasks import atomic
 from tasks.corpus_audio import load_clips, read_manifest
@@ -24,10 +24,10 @@ from tasks.training import load_checkpoint, select_device
 SPLITS = ("train", "val", "test")
 
 
-def load_codec(checkpoint: Path, device: torch.device | None = None) -> TeluCodec:
+def load_codec(checkpoint: Path, device: torch.device | None = None) -> Codec:
     """The trained codec from its checkpoint, in eval mode."""
     state = load_checkpoint(checkpoint)
-    model = TeluCodec.from_config_dict(state["config"])
+    model = codec_from_config(state["config"])
     model.load_checkpoint_state(state["model"], state["config"])
     return model.to(device or torch.device("cpu")).eval()
 

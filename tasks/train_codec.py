@@ -1,10 +1,11 @@
-"""Train TeluCodec on the corpus's train split, then score it on the test split.
+"""Train TeluCodec (v2 "mel" or v1 "conv") on the corpus's train split, then score it.
 
-Read top to bottom: set-up (device, DDP, model, optimizers, resume), the step loop (a batch of
-random crops drawn for this step, spectral + waveform + commitment (+ adversarial) losses, logging,
-atomic checkpoints), then the evaluation against two trivial baselines at the same bitrate's
-budget (silence, and 8-bit mu-law PCM at the sample rate that bitrate allows), logged to MLflow
-with the checkpoint.
+Read top to bottom: set-up (device, DDP, model, optimizers, resume), for v2 the k-means fit of
+its quantizer, the step loop (a batch of random crops drawn for this step; v2: spectral losses
+on the vocoder at the codec's delay; v1: spectral + waveform + commitment losses; either with an
+optional discriminator; logging, atomic checkpoints), then the evaluation on the test split and
+the unseen-voices set against reference codecs on the same audio (silence, mu-law at the same
+bitrate, Opus 6 kbps, Codec2 1.6 and 3.2 kbps), logged to MLflow with the checkpoint.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,12 +20,16 @@ import torchaudio.functional as AF
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from models.codec import CodecConfig, STFTDiscriminator, TeluCodec, reconstruction_loss, snr_loss
+from models.codec import STFTDiscriminator, reconstruction_loss, snr_loss
+from models.codecs import Codec, codec_from_config
+from models.mel_codec import MelCodec
 from models.metrics import mel_distance, pesq_wb, si_sdr_db, snr_db, stoi
 from s2s.config import Params
 from tasks import atomic
+from tasks.codec_baselines import REFERENCE_CODECS, align, nominal_lag, round_trip
 from tasks.corpus_audio import load_clips, random_crops
 from tasks.stamps import code_hash
+from tasks.unseen_voices import unseen_set
 from tasks.training import (RunTracker, autocast, cached_result, corpus_fingerprint, cost_metrics, init_distributed,
                             load_checkpoint, planned_steps, restore_rng, run_tags, save_checkpoint, select_device,
                             step_generator, tracked, write_stamp)
@@ -47,10 +51,6 @@ class CodecTrainResult:
     baselines: dict[str, dict[str, float]]
     run_id: str | None
     cached: bool = False  # True when a finished run with the same stamp was reused
-
-
-def codec_config(params: Params) -> CodecConfig:
-    return CodecConfig.from_dict(params.codec.model_dump(mode="json"))
 
 
 def score_signals(pairs: list[tuple[np.ndarray, np.ndarray]], sample_rate: int) -> dict[str, float]:
@@ -77,31 +77,105 @@ def mulaw_baseline(audio: np.ndarray, sample_rate: int, bitrate: float) -> np.nd
 
 
 @torch.inference_mode()
-def evaluate_codec(model: TeluCodec, params: Params, device: torch.device) -> tuple[dict, dict]:
-    """Codec metrics on test-split segments, and the same metrics for the trivial baselines."""
-    clips, _ = load_clips(params.path(params.paths.data), "test", limit=params.codec_train.eval_items)
+def round_trip_codec(model: Codec, ref: np.ndarray, device: torch.device) -> np.ndarray:
+    """One clip through encode and decode, cut back into line with the input (nominal delay)."""
+    wav = torch.from_numpy(ref)[None, None].to(device)
+    out = model.decode(model.encode(wav))[0, 0].float().cpu().numpy()
+    return out[model.delay_samples: model.delay_samples + len(ref)]
+
+
+def score_clips(model: Codec, clips: list[np.ndarray], device: torch.device,
+                baselines: bool) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """The codec's metrics on float clips and, when asked, those of the reference codecs on the
+    same clips (silence, mu-law at the same bitrate, Opus, Codec2), each at its nominal delay."""
     sr = model.config.sample_rate
     model.eval()
-    coded, silent, mulaw = [], [], []
-    for clip in clips:
-        ref = clip.astype(np.float32) / 32768.0
-        wav = torch.from_numpy(ref)[None, None].to(device)
-        out = model.decode(model.encode(wav))[0, 0, : len(ref)].float().cpu().numpy()
-        coded.append((ref, out))
-        silent.append((ref, np.zeros_like(ref)))
-        mulaw.append((ref, mulaw_baseline(ref, sr, model.bitrate())))
-    baselines = {"silence": score_signals(silent, sr), "mulaw_same_bitrate": score_signals(mulaw, sr)}
-    return score_signals(coded, sr), baselines
+    coded = [(ref, round_trip_codec(model, ref, device)) for ref in clips]
+    scores = {**score_signals([align(r, e, 0) for r, e in coded], sr),
+              "delay_ms": 1000.0 * model.delay_samples / sr}
+    if not baselines:
+        return scores, {}
+    others = {"silence": score_signals([(r, np.zeros_like(r)) for r in clips], sr),
+              "mulaw_same_bitrate": score_signals([(r, mulaw_baseline(r, sr, model.bitrate())) for r in clips], sr)}
+    for name, reference in REFERENCE_CODECS.items():
+        pairs = [(r, round_trip(r, sr, reference)) for r in clips]
+        lag = nominal_lag(pairs, max_lag=sr // 10)
+        others[name] = {**score_signals([align(r, e, lag) for r, e in pairs], sr), "delay_ms": 1000.0 * lag / sr}
+    return scores, others
+
+
+def evaluate_codec(model: Codec, params: Params, device: torch.device) -> tuple[dict, dict]:
+    """Test-split metrics (and the reference codecs') plus the same on the unseen-voices set,
+    whose figures carry an `unseen_` prefix (codec and baselines alike)."""
+    clips, _ = load_clips(params.path(params.paths.data), "test", limit=params.codec_train.eval_items)
+    metrics, baselines = score_clips(model, [c.astype(np.float32) / 32768.0 for c in clips], device, True)
+    if params.codec_train.unseen_items > 0:
+        unseen = [audio for _, audio in unseen_set(params.codec_train.unseen_items, model.config.sample_rate)]
+        u_metrics, u_baselines = score_clips(model, unseen, device, True)
+        metrics |= {f"unseen_{k}": v for k, v in u_metrics.items()}
+        for name, figures in u_baselines.items():
+            baselines[name] |= {f"unseen_{k}": v for k, v in figures.items()}
+    return metrics, baselines
 
 
 def training_stamp(params: Params, max_steps: int | None, world_size: int) -> dict:
     """Everything a finished codec run depends on: corpus, settings and the code that trains it."""
-    import models.codec, models.quantizer, models.streaming, tasks.corpus_audio, tasks.training  # noqa: E401
+    import models.codec, models.mel_codec, models.quantizer, models.streaming  # noqa: E401
+    import tasks.codec_baselines, tasks.corpus_audio, tasks.training, tasks.unseen_voices  # noqa: E401
 
-    return {"stage": "codec", **corpus_fingerprint(params), "codec": params.codec.model_dump(mode="json"),
+    return {"stage": "codec", **corpus_fingerprint(params), "codec": params.codec.architecture(),
             "train": params.codec_train.model_dump(mode="json"), "max_steps": max_steps, "world_size": world_size,
-            "code": code_hash(models.codec, models.quantizer, models.streaming, tasks.corpus_audio, tasks.training,
+            "code": code_hash(models.codec, models.mel_codec, models.quantizer, models.streaming,
+                              tasks.codec_baselines, tasks.corpus_audio, tasks.training, tasks.unseen_voices,
                               sys.modules[__name__])}
+
+
+@torch.no_grad()
+def fit_mel_codec(model: MelCodec, clips: list[np.ndarray], seed: int, iterations: int,
+                  gain_db: float) -> list[float]:
+    """Fit v2's fixed parts on the train split: the per-bin mel statistics, then the k-means
+    codebooks. Each clip is taken at a random gain of +-gain_db, so levels outside the corpus's
+    (a quieter microphone, an unseen voice) still land near codes. Returns the quantizer's error
+    (mean squared residual) after each codebook."""
+    generator = torch.Generator().manual_seed(seed)
+    frames = []
+    for clip in clips:
+        gain = 10 ** (float(torch.empty(1).uniform_(-gain_db, gain_db, generator=generator)) / 20)
+        wav = torch.from_numpy(clip.astype(np.float32) / 32768.0)[None, None] * gain
+        frames.append(model.front_end(model._pad(wav.clamp(-1, 1).to(model.mel_mean.device)))[0].t().cpu())
+    raw = torch.cat(frames)
+    model.fit_normalization(raw.to(model.mel_mean.device))
+    normalized = (raw - model.mel_mean.cpu()) / model.mel_std.cpu()
+    return model.fit_quantizer(normalized, iterations, seed)
+
+
+def conv_losses(net: torch.nn.Module, batch: torch.Tensor, cfg, sample_rate: int, device: torch.device):
+    """v1: the whole codec learns; spectral + waveform (-SNR) + commitment losses."""
+    with autocast(device):
+        out = net(batch)
+    parts = reconstruction_loss(out.audio, batch, sample_rate)
+    waveform = snr_loss(out.audio, batch)
+    loss = parts["total"] + cfg.waveform_weight * waveform + COMMITMENT_WEIGHT * out.commitment_loss
+    return loss, out.audio, batch, {"loss": float(loss), "stft": float(parts["stft"]), "mel": float(parts["mel"]),
+                                    "waveform_snr_db": -float(waveform), "commitment": float(out.commitment_loss)}
+
+
+def mel_losses(net: torch.nn.Module, model: MelCodec, batch: torch.Tensor, cfg, generator: torch.Generator,
+               device: torch.device):
+    """v2: only the vocoder learns, from the quantized mel of a gain-augmented crop to the crop
+    itself at the codec's delay; spectral losses only (a vocoder chooses its own phase)."""
+    gains = 10 ** (torch.empty(len(batch), 1, 1).uniform_(-cfg.gain_augment_db, cfg.gain_augment_db,
+                                                          generator=generator) / 20)
+    batch = (batch * gains.to(batch.device)).clamp(-1, 1)
+    with torch.no_grad():
+        mel = model.quantizer.decode(model.encode(batch))
+    with autocast(device):
+        audio = net(mel)
+    delay = model.delay_samples
+    pred, target = audio[..., delay:], batch[..., : batch.shape[-1] - delay]
+    parts = reconstruction_loss(pred, target, model.config.sample_rate)
+    return parts["total"], pred, target, {"loss": float(parts["total"]), "stft": float(parts["stft"]),
+                                          "mel": float(parts["mel"])}
 
 
 def train_codec(params: Params, resume: bool = False, max_steps: int | None = None, track: bool = True,
@@ -118,8 +192,9 @@ def train_codec(params: Params, resume: bool = False, max_steps: int | None = No
     (out_dir / "stamp.json").unlink(missing_ok=True)  # the checkpoint is about to change
     torch.manual_seed(cfg.seed)
 
-    model = TeluCodec(codec_config(params)).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.8, 0.99))
+    model = codec_from_config(params.codec.architecture()).to(device)
+    trained = model.vocoder if isinstance(model, MelCodec) else model  # v2 fits the rest by k-means
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=cfg.lr, betas=(0.8, 0.99))
     discriminator = STFTDiscriminator().to(device) if cfg.adversarial else None
     disc_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=cfg.lr, betas=(0.8, 0.99)) if discriminator else None
 
@@ -141,39 +216,40 @@ def train_codec(params: Params, resume: bool = False, max_steps: int | None = No
     total = planned_steps(len(clips), cfg.batch_size, dist_info.world_size, cfg.epochs,
                           max_steps if max_steps is not None else cfg.max_steps)
 
-    net = DistributedDataParallel(model) if dist_info.world_size > 1 else model
+    net = DistributedDataParallel(trained) if dist_info.world_size > 1 else trained
     tracker = RunTracker.for_training(params, "codec", out_dir, dist_info.is_main, track, step, run_id,
                                       parent_run_id)
     started = time.monotonic()
     with tracked(tracker):
-        tracker.log_params({**{f"codec.{k}": v for k, v in params.codec.model_dump().items()},
+        tracker.log_params({**{f"codec.{k}": v for k, v in params.codec.architecture().items()},
                             **{f"train.{k}": v for k, v in cfg.model_dump().items()},
                             "profile": params.profile, "world_size": dist_info.world_size, "device": device.type,
                             "bitrate_bps": model.bitrate(), "total_steps": total})
         tracker.set_tags(run_tags(params, "codec"))
+        if isinstance(model, MelCodec) and step == 0:
+            errors = fit_mel_codec(model, clips, cfg.seed, cfg.kmeans_iterations, cfg.gain_augment_db)
+            tracker.log_metrics({f"quantizer_mse_{i + 1}_codebooks": e for i, e in enumerate(errors)}, 0)
         bar = tqdm(total=total, initial=step, desc="train codec", unit="step", disable=not dist_info.is_main)
         window_start, window_steps = time.monotonic(), 0
         model.train()
         while step < total:
-            batch = random_crops(clips, cfg.batch_size, crop, step_generator(cfg.seed, step, dist_info.rank)).to(device)
-            with autocast(device):
-                out = net(batch)
-            parts = reconstruction_loss(out.audio, batch, model.config.sample_rate)
-            waveform = snr_loss(out.audio, batch)
-            loss = parts["total"] + cfg.waveform_weight * waveform + COMMITMENT_WEIGHT * out.commitment_loss
-            logged = {"loss": float(loss), "stft": float(parts["stft"]), "mel": float(parts["mel"]),
-                      "waveform_snr_db": -float(waveform), "commitment": float(out.commitment_loss)}
+            generator = step_generator(cfg.seed, step, dist_info.rank)
+            batch = random_crops(clips, cfg.batch_size, crop, generator).to(device)
+            if isinstance(model, MelCodec):
+                loss, pred, target, logged = mel_losses(net, model, batch, cfg, generator, device)
+            else:
+                loss, pred, target, logged = conv_losses(net, batch, cfg, model.config.sample_rate, device)
             if discriminator is not None:
                 disc_optimizer.zero_grad(set_to_none=True)
-                d_loss = discriminator.discriminator_loss(batch, out.audio)
+                d_loss = discriminator.discriminator_loss(target, pred)
                 d_loss.backward()
                 disc_optimizer.step()
-                adv = discriminator.generator_losses(batch, out.audio)
+                adv = discriminator.generator_losses(target, pred)
                 loss = loss + sum(ADVERSARIAL_WEIGHTS[k] * v for k, v in adv.items())
                 logged |= {"disc_loss": float(d_loss), **{k: float(v) for k, v in adv.items()}}
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
             optimizer.step()
             step += 1
             window_steps += 1

@@ -16,9 +16,14 @@ def test_bench_codec_and_s2s_report_figures(project_root):
     assert codec["encode_x_realtime"] > 0 and codec["stream_decode_frame_ms_median"] > 0
     assert codec["stream_decode_frame_ms_p95"] >= codec["stream_decode_frame_ms_median"]
     assert codec["stream_decode_x_realtime_per_session_batch_64"] > 0
-    assert codec["onnx_stream_decode_x_realtime"] > 0 and codec["onnx_vs_torch_stream_decode_speedup"] > 0
-    assert codec["onnx_stream_decode_frame_ms_p95"] >= codec["onnx_stream_decode_frame_ms_median"]
-    assert codec["onnx_numpy_state_stream_decode_x_realtime"] > 0
+    assert codec["kind"] == "mel" and codec["previous_kind"] == "conv"   # v2, against v1 in the same run
+    assert codec["previous_bitrate_bps"] == 50 * 4 * 8
+    assert codec["stream_decode_x_realtime_vs_previous"] == round(
+        codec["stream_decode_x_realtime"] / codec["previous_stream_decode_x_realtime"], 2)
+    # ONNX Runtime decode is v1's (models/codec_onnx.py)
+    assert codec["previous_onnx_stream_decode_x_realtime"] > 0 and codec["previous_onnx_vs_torch_stream_decode_speedup"] > 0
+    assert codec["previous_onnx_stream_decode_frame_ms_p95"] >= codec["previous_onnx_stream_decode_frame_ms_median"]
+    assert codec["previous_onnx_numpy_state_stream_decode_x_realtime"] > 0
 
     s2s = bench_s2s(params, user_frames=8, reply_frames=4, repeats=1)
     assert s2s["batch1_tokens_per_s"] > 0 and s2s["batch64_tokens_per_s"] > 0

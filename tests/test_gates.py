@@ -1,5 +1,6 @@
-"""The codec gate against its trivial baseline: a candidate must beat 8-bit mu-law PCM at its own
-bitrate on SNR, mel distance and STOI, besides the absolute thresholds."""
+"""The codec gate against reference codecs on the same audio: a candidate must beat 8-bit mu-law
+PCM at its own bitrate (mel distance, STOI, and SNR when SNR is gated) and match every codec named
+in beat_codecs (Codec2 1.6 kbps on smoke) on STOI and PESQ-wb, besides the absolute thresholds."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from s2s.config import load_params
 from tasks.gates import codec_gate
 
 MULAW = {"snr_db": 0.03, "si_sdr_db": -21.4, "mel_distance": 4.2, "stoi": 0.31, "pesq_wb": 1.02}
-GOOD = {"snr_db": 2.8, "si_sdr_db": -3.0, "mel_distance": 0.66, "stoi": 0.69, "pesq_wb": 1.1}
+CODEC2 = {"snr_db": -2.0, "si_sdr_db": -20.0, "mel_distance": 1.0, "stoi": 0.80, "pesq_wb": 1.66}
+GOOD = {"snr_db": -1.0, "si_sdr_db": -15.0, "mel_distance": 0.6, "stoi": 0.90, "pesq_wb": 2.0}
+BASELINES = {"mulaw_same_bitrate": MULAW, "codec2_1600bps": CODEC2}
 
 
 def _gate_settings(**overrides):
@@ -15,21 +18,31 @@ def _gate_settings(**overrides):
     return cfg.model_copy(update=overrides)
 
 
-def test_codec_gate_passes_a_codec_that_beats_mulaw() -> None:
-    result = codec_gate(GOOD, {"mulaw_same_bitrate": MULAW}, _gate_settings())
+def test_codec_gate_passes_a_codec_that_beats_its_baselines() -> None:
+    result = codec_gate(GOOD, BASELINES, _gate_settings())
     assert result.passed, result.reason
-    assert [c.metric for c in result.checks if c.note] == ["snr_db", "mel_distance", "stoi"]
+    assert [(c.metric, c.note) for c in result.checks if c.note] == [
+        ("mel_distance", "mu-law at the same bitrate"), ("stoi", "mu-law at the same bitrate"),
+        ("stoi", "codec2_1600bps"), ("pesq_wb", "codec2_1600bps")]
 
 
-def test_codec_gate_fails_when_mulaw_wins_on_snr() -> None:
-    cfg = _gate_settings(min_snr_db=-10.0)   # the absolute floor passes; only the baseline fails
+def test_codec_gate_fails_when_codec2_wins_on_pesq() -> None:
+    worse = {**GOOD, "pesq_wb": 1.5}
+    result = codec_gate(worse, BASELINES, _gate_settings(min_pesq_wb=1.0))
+    assert not result.passed
+    assert result.reason == "pesq_wb 1.5 misses >= 1.66 (codec2_1600bps)"
+    assert codec_gate(worse, BASELINES, _gate_settings(min_pesq_wb=1.0, beat_codecs=())).passed
+
+
+def test_codec_gate_compares_snr_with_mulaw_only_when_snr_is_gated() -> None:
     worse = {**GOOD, "snr_db": -0.44}
-    result = codec_gate(worse, {"mulaw_same_bitrate": MULAW}, cfg)
+    assert codec_gate(worse, BASELINES, _gate_settings()).passed   # smoke: SNR reported, not gated
+    cfg = _gate_settings(min_snr_db=-10.0)   # the absolute floor passes; only the baseline fails
+    result = codec_gate(worse, BASELINES, cfg)
     assert not result.passed
     assert "snr_db -0.44 misses >= 0.03 (mu-law at the same bitrate)" in result.reason
-    assert codec_gate(worse, {"mulaw_same_bitrate": MULAW}, cfg.model_copy(update={"beat_baseline": False})).passed
 
 
 def test_codec_gate_fails_without_a_baseline_to_compare() -> None:
-    result = codec_gate(GOOD, {}, _gate_settings())
-    assert not result.passed   # a missing baseline is never a pass
+    assert not codec_gate(GOOD, {}, _gate_settings()).passed   # a missing baseline is never a pass
+    assert not codec_gate(GOOD, {"mulaw_same_bitrate": MULAW}, _gate_settings()).passed

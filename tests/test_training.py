@@ -25,9 +25,10 @@ SENTENCES = [
     "మన ఊరికి బస్సు ఎప్పుడు వస్తుంది?", "సాయంత్రం ఐదు గంటలకు వస్తుంది.",
 ]
 TINY = {  # a model small enough to train in seconds on the CPU
-    "codec": {"channels": 8, "latent_dim": 16, "n_codebooks": 2, "codebook_size": 32},
+    "codec": {"n_codebooks": 2, "codebook_size": 32, "mel": {"vocoder_dim": 16, "vocoder_layers": 1},
+              "conv": {"channels": 8, "latent_dim": 16}},
     "codec_train": {"batch_size": 2, "crop_seconds": 0.4, "log_every": 1, "checkpoint_every": 4, "eval_items": 2,
-                    "max_steps": 40},
+                    "max_steps": 40, "kmeans_iterations": 3, "unseen_items": 2},
     "s2s": {"d_model": 32, "n_layers": 1, "n_heads": 2, "max_len": 256},
     "s2s_train": {"batch_size": 2, "log_every": 1, "checkpoint_every": 4, "max_steps": 6, "warmup_steps": 2,
                   "max_turn_frames": 60},

@@ -1,0 +1,99 @@
+"""TeluCodec v2 (models/mel_codec.py): streaming equals offline, causality, the k-means quantizer,
+and clear errors for bad settings and inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.codecs import codec_from_config
+from models.mel_codec import MelCodec, MelCodecConfig, kmeans
+
+SMALL = dict(codebook_size=16, vocoder_dim=32, vocoder_layers=2)
+
+
+def _fitted(seed: int = 0, **overrides) -> MelCodec:
+    """A small codec with its normalisation and codebooks fitted on noise, weights random."""
+    torch.manual_seed(seed)
+    codec = MelCodec(MelCodecConfig(**{**SMALL, **overrides})).eval()
+    wav = torch.randn(2, 1, 320 * 40) * 0.1
+    raw = codec.front_end(wav).transpose(1, 2).reshape(-1, codec.config.n_mels)
+    codec.fit_normalization(raw)
+    codec.fit_quantizer(codec.normalized_mel(wav).transpose(1, 2).reshape(-1, codec.config.n_mels), iterations=4)
+    return codec
+
+
+@pytest.mark.parametrize("vocoder_n_fft", [640, 1024])
+def test_streaming_encode_and_decode_equal_offline(vocoder_n_fft: int) -> None:
+    codec = _fitted(vocoder_n_fft=vocoder_n_fft)
+    wav = torch.randn(3, 1, 320 * 25) * 0.1
+    codes = codec.encode(wav)
+    state, pieces = codec.init_encoder_state(3), []
+    for chunk in wav.split(320 * 4, dim=-1):       # 4 hops, then a last 1-hop chunk
+        c, state = codec.encode_step(chunk, state)
+        pieces.append(c)
+    assert torch.equal(torch.cat(pieces, dim=-1), codes)
+
+    audio = codec.decode(codes)
+    assert audio.shape == (3, 1, 25 * 320)
+    state, pieces = codec.init_decoder_state(3), []
+    for t in range(0, codes.shape[-1], 3):           # several frames per step, then fewer
+        a, state = codec.decode_step(codes[..., t: t + 3], state)
+        pieces.append(a)
+    torch.testing.assert_close(torch.cat(pieces, dim=-1), audio, atol=1e-5, rtol=1e-4)
+
+
+def test_codes_and_audio_never_depend_on_the_future() -> None:
+    codec = _fitted()
+    wav = torch.randn(1, 1, 320 * 20) * 0.1
+    later = wav.clone()
+    later[..., 320 * 12:] = torch.randn(1, 1, 320 * 8)     # change everything from frame 12 on
+    codes, changed = codec.encode(wav), codec.encode(later)
+    assert torch.equal(codes[..., :12], changed[..., :12])
+    assert not torch.equal(codes[..., 12:], changed[..., 12:])
+    audio, changed_audio = codec.decode(codes), codec.decode(changed)
+    assert torch.equal(audio[..., : 12 * 320], changed_audio[..., : 12 * 320])
+    assert codec.delay_samples == 320 and codec.algorithmic_latency_ms == 40.0
+    assert codec.bitrate() == 50 * 4 * 4    # 4 codebooks of 16 codes at 50 frames/s
+
+
+def test_quantizer_error_falls_with_every_codebook_and_kmeans_finds_clusters() -> None:
+    codec = MelCodec(MelCodecConfig(**SMALL))
+    frames = torch.randn(2000, codec.config.n_mels)
+    errors = codec.fit_quantizer(frames, iterations=5)
+    assert len(errors) == 4 and all(a > b for a, b in zip(errors, errors[1:]))
+    assert errors[0] < float(frames.pow(2).mean())
+    centres = torch.tensor([[-5.0, 0.0], [5.0, 0.0]])
+    points = torch.cat([centres[0] + 0.1 * torch.randn(200, 2), centres[1] + 0.1 * torch.randn(200, 2)])
+    found = kmeans(points, 2, 10, torch.Generator().manual_seed(0))
+    assert torch.allclose(found[found[:, 0].argsort()], centres, atol=0.05)
+    with pytest.raises(ValueError, match="at least 16 frames"):
+        kmeans(points[:10], 16, 3, torch.Generator())
+
+
+def test_checkpoint_round_trip_and_kind_dispatch() -> None:
+    codec = _fitted()
+    config = codec.config_dict()
+    assert config["kind"] == "mel"
+    again = codec_from_config(config)
+    again.load_checkpoint_state(codec.state_dict(), config)
+    wav = torch.randn(1, 1, 320 * 10) * 0.1
+    assert torch.equal(again.eval().encode(wav), codec.encode(wav))
+    assert codec_from_config({"sample_rate": 16000, "channels": 8, "latent_dim": 8, "strides": [2, 4, 5, 8],
+                              "n_codebooks": 2, "codebook_size": 8, "kernel_size": 7}).kind == "conv"
+    with pytest.raises(ValueError, match="unknown codec kind 'wavelet'"):
+        codec_from_config({"kind": "wavelet"})
+    with pytest.raises(ValueError, match="vocoder_dim"):
+        again.check_compatible({**config, "vocoder_dim": 64})
+
+
+def test_bad_settings_and_inputs_get_clear_errors() -> None:
+    with pytest.raises(ValueError, match="unknown mel codec config fields: hop"):
+        MelCodecConfig.from_dict({"hop": 256})
+    with pytest.raises(ValueError, match="shorter than the hop"):
+        MelCodec(MelCodecConfig(**{**SMALL, "vocoder_n_fft": 256}))
+    codec = _fitted()
+    with pytest.raises(ValueError, match="whole hops of 320 samples, got 100"):
+        codec.encode_step(torch.zeros(1, 1, 100), codec.init_encoder_state(1))
+    with pytest.raises(ValueError, match=r"expected wav of shape \(batch, 1, samples\)"):
+        codec.encode(torch.zeros(1, 320))
