@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from models.quantizer import ResidualVectorQuantizer
 from models.streaming import CausalConv1d, ConvState
 
-LOG_FLOOR = 1e-5  # mel power floor: digital silence maps to log(1e-5), inside what training saw
+LOG_FLOOR = 1e-5     # mel power floor of the front end, before the corpus's own floor below
+FLOOR_QUANTILE = 0.01  # per-bin level floor: the corpus's quietest 1 % of frames
 
 
 @dataclass
@@ -216,6 +217,7 @@ class MelCodec(nn.Module):
         super().__init__()
         self.config = cfg = config or MelCodecConfig()
         self.front_end = CausalLogMel(cfg)
+        self.register_buffer("mel_floor", torch.full((cfg.n_mels,), math.log(LOG_FLOOR)))
         self.register_buffer("mel_mean", torch.zeros(cfg.n_mels))
         self.register_buffer("mel_std", torch.ones(cfg.n_mels))
         self.quantizer = ResidualVectorQuantizer(cfg.n_mels, cfg.n_codebooks, cfg.codebook_size)
@@ -246,7 +248,14 @@ class MelCodec(nn.Module):
 
     def normalized_mel(self, wav: Tensor) -> Tensor:
         """(B, 1, T) -> (B, n_mels, ceil(T / hop)) log-mel in corpus units (the quantizer's input)."""
-        return (self.front_end(self._pad(wav)) - self.mel_mean[:, None]) / self.mel_std[:, None]
+        return self.normalize(self.front_end(self._pad(wav)))
+
+    def normalize(self, mel: Tensor) -> Tensor:
+        """Raw log-mel -> corpus units. Levels below the corpus's per-bin floor are lifted to it:
+        digital silence (or a quieter room than any in training) then codes like the corpus's
+        quietest frames instead of landing far from every code."""
+        mel = torch.maximum(mel, self.mel_floor[:, None])
+        return (mel - self.mel_mean[:, None]) / self.mel_std[:, None]
 
     def encode(self, wav: Tensor) -> Tensor:
         """(B, 1, T) -> codes (B, n_codebooks, ceil(T / hop)) long."""
@@ -271,7 +280,7 @@ class MelCodec(nn.Module):
         if wav_chunk.shape[-1] % self.hop_length:
             raise ValueError(f"encode_step takes whole hops of {self.hop_length} samples, got {wav_chunk.shape[-1]}")
         mel, state = self.front_end.step(wav_chunk, state)
-        return self.quantizer.encode((mel - self.mel_mean[:, None]) / self.mel_std[:, None]), state
+        return self.quantizer.encode(self.normalize(mel)), state
 
     def init_decoder_state(self, batch: int) -> list[Any]:
         return self.vocoder.init_state(batch, self.mel_mean.device)
@@ -284,7 +293,10 @@ class MelCodec(nn.Module):
 
     @torch.no_grad()
     def fit_normalization(self, mels: Tensor) -> None:
-        """Per-bin mean and std of raw log-mel frames (N, n_mels) from the training corpus."""
+        """Per-bin level floor, then mean and std, of raw log-mel frames (N, n_mels) of the corpus."""
+        rank = max(1, int(FLOOR_QUANTILE * len(mels)))
+        self.mel_floor.copy_(mels.kthvalue(rank, dim=0).values)
+        mels = torch.maximum(mels, self.mel_floor)
         self.mel_mean.copy_(mels.mean(0))
         self.mel_std.copy_(mels.std(0).clamp_min(1e-3))
 

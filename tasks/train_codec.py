@@ -145,8 +145,7 @@ def fit_mel_codec(model: MelCodec, clips: list[np.ndarray], seed: int, iteration
         frames.append(model.front_end(model._pad(wav.clamp(-1, 1).to(model.mel_mean.device)))[0].t().cpu())
     raw = torch.cat(frames)
     model.fit_normalization(raw.to(model.mel_mean.device))
-    normalized = (raw - model.mel_mean.cpu()) / model.mel_std.cpu()
-    return model.fit_quantizer(normalized, iterations, seed)
+    return model.fit_quantizer(model.normalize(raw.t().to(model.mel_mean.device)).t().cpu(), iterations, seed)
 
 
 def conv_losses(net: torch.nn.Module, batch: torch.Tensor, cfg, sample_rate: int, device: torch.device):

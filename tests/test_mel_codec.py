@@ -97,3 +97,11 @@ def test_bad_settings_and_inputs_get_clear_errors() -> None:
         codec.encode_step(torch.zeros(1, 1, 100), codec.init_encoder_state(1))
     with pytest.raises(ValueError, match=r"expected wav of shape \(batch, 1, samples\)"):
         codec.encode(torch.zeros(1, 320))
+
+
+def test_digital_silence_codes_as_the_corpus_quietest_level() -> None:
+    codec = _fitted()
+    silence = codec.normalized_mel(torch.zeros(1, 1, 320 * 5))
+    floor = ((codec.mel_floor - codec.mel_mean) / codec.mel_std)[None, :, None].expand_as(silence)
+    torch.testing.assert_close(silence, floor)
+    assert (codec.mel_floor > -11).all()   # lifted from the front end's log(1e-5) to the fitted floor
