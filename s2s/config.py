@@ -222,6 +222,7 @@ class S2SGate(_Section):
     max_cross_entropy: float
     max_perplexity: float
     max_uniform_ratio: float          # val perplexity / codebook size
+    beat_bigram: bool = True          # val cross-entropy below the per-codebook bigram baseline's
 
 
 class LatencyGate(_Section):

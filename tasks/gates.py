@@ -92,14 +92,19 @@ def codec_gate(metrics: dict[str, float], baselines: dict[str, dict[str, float]]
 
 
 def s2s_gate(metrics: dict[str, float], codebook_size: int, cfg: S2SGate) -> GateResult:
-    """Validation cross-entropy and perplexity, absolute and relative to guessing uniformly."""
+    """Validation cross-entropy and perplexity, absolute and relative to guessing uniformly; with
+    beat_bigram, also below the per-codebook bigram baseline measured on the same split."""
     perplexity = metrics.get("perplexity")
-    return GateResult("s2s", [
+    gate = GateResult("s2s", [
         Check("cross_entropy", metrics.get("cross_entropy"), "<=", cfg.max_cross_entropy),
         Check("perplexity", perplexity, "<=", cfg.max_perplexity),
         Check("perplexity_vs_uniform", None if perplexity is None else perplexity / codebook_size, "<=",
               cfg.max_uniform_ratio, f"uniform = {codebook_size}"),
     ])
+    if cfg.beat_bigram:
+        gate.checks.append(Check("cross_entropy", metrics.get("cross_entropy"), "<=",
+                                 metrics.get("bigram_cross_entropy", float("-inf")), "per-codebook bigram baseline"))
+    return gate
 
 
 def latency_gate(figures: dict[str, float], cfg: LatencyGate) -> GateResult:

@@ -4,7 +4,7 @@ Read top to bottom: tokens for every segment (tokenized once by the trained code
 the data flow (a user turn, the reply, the reply's speaker and emotion), then the step loop
 (a batch of pairs drawn for this step, cross-entropy on the reply tokens, warmup + cosine
 learning rate, logging, atomic checkpoints) and the validation cross-entropy and perplexity,
-beside the uniform baseline (perplexity = the number of tokens it chooses from).
+beside two baselines: uniform (perplexity = the number of codes) and per-codebook bigrams.
 """
 
 from __future__ import annotations
@@ -106,6 +106,28 @@ def evaluate_s2s(model: S2STransformer, pairs: list[Pair], device: torch.device,
     return {"cross_entropy": ce, "perplexity": math.exp(min(ce, 50.0)), "tokens": float(total_tokens)}
 
 
+def bigram_cross_entropy(train: list[Pair], val: list[Pair], codebook_size: int,
+                         weights: tuple[float, ...] = (0.3, 0.5, 0.7, 0.9)) -> float:
+    """Cross-entropy (nats per code) of the val replies' codes under per-codebook bigram models
+    fitted on the train replies: the baseline a sequence model must beat to have learnt more than
+    which code follows which. Each bigram is interpolated with its add-one unigram; the weight is
+    the one the val split likes best (the baseline's best case, so beating it means something)."""
+    n_codebooks = train[0].reply.shape[0]
+    best = []
+    for k in range(n_codebooks):
+        counts = torch.zeros(codebook_size, codebook_size)
+        for pair in train:
+            row = pair.reply[k]
+            counts.index_put_((row[:-1], row[1:]), torch.ones(len(row) - 1), accumulate=True)
+        unigram = (counts.sum(0) + 1) / (counts.sum() + codebook_size)
+        bigram = counts / counts.sum(1, keepdim=True).clamp_min(1)
+        prev = torch.cat([p.reply[k][:-1] for p in val])
+        nxt = torch.cat([p.reply[k][1:] for p in val])
+        scores = [float(-torch.log(w * bigram[prev, nxt] + (1 - w) * unigram[nxt]).mean()) for w in weights]
+        best.append((min(scores), len(nxt)))
+    return sum(ce * n for ce, n in best) / sum(n for _, n in best)
+
+
 def training_stamp(params: Params, tokens_dir: Path, max_steps: int | None, world_size: int) -> dict:
     """Everything a finished S2S run depends on: the tokens (so the codec), pairs, settings, code."""
     import models.s2s_transformer, tasks.tokenize_corpus, tasks.training  # noqa: E401
@@ -203,8 +225,10 @@ def train_s2s(params: Params, resume: bool = False, max_steps: int | None = None
         if not dist_info.is_main:
             return S2STrainResult(str(checkpoint_path), step, seconds, {}, {}, None)
         metrics = evaluate_s2s(model, val_pairs, device)
+        metrics["bigram_cross_entropy"] = bigram_cross_entropy(train_pairs, val_pairs, config.codebook_size)
         baselines = {"perplexity": float(config.codebook_size), "cross_entropy": math.log(config.codebook_size)}
         tracker.log_metrics({"val_cross_entropy": metrics["cross_entropy"], "val_perplexity": metrics["perplexity"],
+                             "val_bigram_cross_entropy": metrics["bigram_cross_entropy"],
                              "uniform_perplexity": baselines["perplexity"],
                              **cost_metrics(seconds, device, params.cost, dist_info.world_size)}, step)
         result = S2STrainResult(str(checkpoint_path), step, seconds, metrics, baselines, tracker.run_id)

@@ -46,3 +46,30 @@ def test_codec_gate_compares_snr_with_mulaw_only_when_snr_is_gated() -> None:
 def test_codec_gate_fails_without_a_baseline_to_compare() -> None:
     assert not codec_gate(GOOD, {}, _gate_settings()).passed   # a missing baseline is never a pass
     assert not codec_gate(GOOD, {"mulaw_same_bitrate": MULAW}, _gate_settings()).passed
+
+
+def test_s2s_gate_asks_to_beat_the_bigram_baseline() -> None:
+    from tasks.gates import s2s_gate
+
+    cfg = load_params("smoke").gates.s2s.model_copy(update={"max_cross_entropy": 6.0, "max_perplexity": 500.0,
+                                                            "max_uniform_ratio": 0.5})
+    good = {"cross_entropy": 4.0, "perplexity": 54.6, "bigram_cross_entropy": 4.5}
+    assert s2s_gate(good, 1024, cfg).passed
+    result = s2s_gate({**good, "bigram_cross_entropy": 3.9}, 1024, cfg)
+    assert result.reason == "cross_entropy 4 misses <= 3.9 (per-codebook bigram baseline)"
+    assert not s2s_gate({k: v for k, v in good.items() if k != "bigram_cross_entropy"}, 1024, cfg).passed
+
+
+def test_bigram_baseline_knows_a_predictable_sequence_from_noise() -> None:
+    import math
+
+    import torch
+
+    from tasks.train_s2s import Pair, bigram_cross_entropy
+
+    cycle = torch.arange(300) % 5
+    predictable = [Pair(cycle[None], torch.stack([cycle, (cycle + 1) % 5]), 0, 0) for _ in range(3)]
+    assert bigram_cross_entropy(predictable, predictable[:1], 16) < 0.5
+    g = torch.Generator().manual_seed(0)
+    noise = [Pair(cycle[None], torch.randint(16, (2, 2000), generator=g), 0, 0) for _ in range(3)]
+    assert bigram_cross_entropy(noise[:2], noise[2:], 16) > 0.9 * math.log(16)
