@@ -14,8 +14,8 @@ of the engine thread:
    is refilled by moving the last row into it, so the batch stays a contiguous slice.
 
 With `batching=False` step 4 runs row by row instead (the same code with batches of one): the
-baseline that shows what cross-session batching buys. The step rule (models.delay_step) is the
-one S2STransformer.generate runs, so a batched reply equals a lone one.
+baseline that shows what cross-session batching buys. The step rule (models.delay_step) and the
+turn rules (serving.turns) are the ones ReplySession runs, so a batched reply equals a lone one.
 
 Per-conversation state is explicit (its encoder and decoder state rows, the delay-pattern
 bookkeeping of its KV row), in the manner of kyutai's streaming modules; the codec's states of
@@ -37,7 +37,15 @@ import torch
 
 from models.delay_step import DelayState, DelayStepper
 from serving.bundle import ModelBundle
-from serving.session import GenerationSettings, SessionError, check_voice, reply_budget
+from serving.turns import (
+    GenerationSettings,
+    Prompt,
+    SessionError,
+    check_utterance_length,
+    check_voice,
+    last_hop,
+    turn_prompt,
+)
 
 log = logging.getLogger(__name__)
 MAX_ENCODE_ROUNDS = 16  # hops encoded per tick before replies get their step
@@ -267,11 +275,11 @@ class Engine:
     def _take_audio(self, conversation: Conversation, pcm: np.ndarray) -> None:
         if conversation.discard or conversation.end_at is not None or conversation.row is not None:
             return  # audio during a reply (or of a refused turn) is not part of the next utterance
-        limit = self.settings.max_utterance_seconds
-        if (conversation.samples_in + len(pcm)) / self.bundle.sample_rate > limit:
-            conversation.emit(ReplyEvent("error", code="utterance_too_long",
-                                         message=f"utterance longer than {limit:g} s: this turn is dropped; "
-                                                 "send end of utterance sooner"))
+        try:
+            check_utterance_length(conversation.samples_in, len(pcm), self.bundle.sample_rate, self.settings,
+                                   drops_turn=True)
+        except SessionError as exc:
+            conversation.emit(ReplyEvent("error", code=exc.code, message=str(exc)))
             self._reset_turn(conversation)
             conversation.discard = True
             return
@@ -312,27 +320,27 @@ class Engine:
             if self.live >= self.max_sessions:
                 break
             worked = True
-            if len(c.pending):
-                self._encode_batch([c], [np.pad(c.pending, (0, self.hop - len(c.pending)))])
+            hop = last_hop(c.pending, self.hop)
+            if hop is not None:
+                self._encode_batch([c], [hop])
                 c.pending = c.pending[:0]
-            if not c.codes:
-                c.emit(ReplyEvent("error", code="empty_utterance",
-                                  message="end of utterance before any audio: nothing to reply to"))
+            try:
+                prompt = turn_prompt(c.codes, self.settings, self.codec.frame_rate, self.s2s.config)
+            except SessionError as exc:
+                c.emit(ReplyEvent("error", code=exc.code, message=str(exc)))
                 self._reset_turn(c)
                 continue
-            self._prefill(c)
+            self._prefill(c, prompt)
         return worked
 
-    def _prefill(self, c: Conversation) -> None:
-        reply_frames, room, min_frames = reply_budget(self.settings, self.codec.frame_rate, self.s2s.config)
-        user = torch.cat(c.codes, dim=-1)[:, :, -room:]  # the end of a long turn is what the reply answers
+    def _prefill(self, c: Conversation, prompt: Prompt) -> None:
         row = self.live
         self.live += 1
         self.owner[row], c.row = c, row
         speaker = torch.tensor([c.speaker_id], device=self.device)
         emotion = torch.tensor([c.emotion_id], device=self.device)
-        self.hidden[row] = self.s2s.prefill_row(self.cache, row, user, speaker, emotion)[0]
-        self.delay.begin(row, min_frames, reply_frames)
+        self.hidden[row] = self.s2s.prefill_row(self.cache, row, prompt.user, speaker, emotion)[0]
+        self.delay.begin(row, prompt.min_frames, prompt.reply_frames)
         self.decoder_states.reset(row)
         c.first_audio_at, c.frames_out = None, 0
 
