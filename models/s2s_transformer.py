@@ -40,6 +40,8 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn import functional as F
 
+from models.delay_step import DelayState, DelayStepper
+
 try:  # an optional GPU kernel: the CPU path (torch SDPA) never needs it
     from flash_attn import flash_attn_func
 except ImportError:
@@ -474,8 +476,9 @@ class S2STransformer(nn.Module):
         A sequence that has ended gets PAD (= codebook_size) in the frames the others still yield.
         temperature=0 or top_k=1 is greedy. EOS is not sampled before `min_frames` frames (a
         reply is never empty when min_frames >= 1). Codebook 0 may sample codes or EOS, the others codes
-        only: their delay gaps and their EOS follow from codebook 0's. Dropout is active in
-        training mode, so call model.eval() first."""
+        only: their delay gaps and their EOS follow from codebook 0's (models.delay_step, the rule
+        the serving engine steps its rows with too). Dropout is active in training mode, so call
+        model.eval() first."""
         config = self.config
         if user_codes.dim() != 3:
             raise ValueError(
@@ -496,48 +499,21 @@ class S2STransformer(nn.Module):
                 f"positions, max_len is {config.max_len}: "
                 + (f"at most {room} reply frames fit" if room > 0 else "the user turn is too long")
             )
-        pad, bos, eos = config.pad_id, config.bos_id, config.eos_id
+        pad, bos = config.pad_id, config.bos_id
         device = user_codes.device
         cache = self.init_cache(batch, positions)
         column = torch.full((batch, n_codebooks, 1), pad, dtype=torch.long, device=device)
         prompt = torch.cat([column, delay(user_codes.long(), pad), column.clone().fill_(bos)], dim=2)
         hidden = self._hidden(prompt, speaker, emotion, cache)[:, -1:]
 
-        allowed = torch.zeros(n_codebooks, config.vocab_size, dtype=torch.bool, device=device)
-        allowed[:, : config.codebook_size] = True
-        allowed[0, eos] = True
-        lag = torch.arange(n_codebooks, device=device)  # codebook k is k steps behind
-        never = max_frames + n_codebooks  # later than any step
-        eos_frame = torch.full((batch, 1), never, dtype=torch.long, device=device)  # per sequence
-        delayed = torch.empty(batch, n_codebooks, max_frames + n_codebooks, dtype=torch.long, device=device)
-        for step in range(max_frames + n_codebooks):
-            logits = self._heads(hidden)[:, :, -1].masked_fill(~allowed, float("-inf"))
-            if step < min_frames:
-                logits[:, 0, eos] = float("-inf")
-            sampled = sample(logits, temperature, top_k, generator)
-            ends = (sampled[:, :1] == eos) | (step == max_frames)
-            eos_frame = torch.where((eos_frame == never) & ends, step, eos_frame)
-            frame = step - lag  # the frame each codebook is at
-            token = torch.where(frame == eos_frame, eos, sampled)
-            token = torch.where((frame < 0) | (frame > eos_frame), pad, token)  # delay gaps
-            delayed[:, :, step] = token
-            done = step - (n_codebooks - 1)  # the frame completed by this step
-            if done >= 0:
-                if (eos_frame <= done).all():
-                    return
-                yield delayed[:, lag, done + lag].masked_fill(eos_frame <= done, pad)[:, :, None]
-                if (eos_frame <= done + 1).all():  # the next step would only find the end
-                    return
-            hidden = self._hidden(token[:, :, None], speaker, emotion, cache)
+        stepper = DelayStepper(config, device)
+        state = DelayState.empty(batch, n_codebooks, device)
+        state.begin(slice(None), min_frames, max_frames)
+        for _ in range(max_frames + n_codebooks):  # a bound: every row has ended by then
+            out = stepper.step(state, self.logits(hidden), temperature, top_k, generator)
+            if out.emitted.any():
+                yield out.frames.masked_fill(~out.emitted[:, None], pad)[:, :, None]
+            if out.ended.all():
+                return
+            hidden = self._hidden(out.tokens[:, :, None], speaker, emotion, cache)
 
-
-def sample(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:
-    """Token ids (...) from logits (..., V): greedy for temperature 0 or top_k 1."""
-    if temperature == 0 or top_k == 1:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = F.softmax(logits, dim=-1).flatten(0, -2)
-    return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])

@@ -14,7 +14,8 @@ of the engine thread:
    is refilled by moving the last row into it, so the batch stays a contiguous slice.
 
 With `batching=False` step 4 runs row by row instead (the same code with batches of one): the
-baseline that shows what cross-session batching buys.
+baseline that shows what cross-session batching buys. The step rule (models.delay_step) and the
+turn rules (serving.turns) are the ones ReplySession runs, so a batched reply equals a lone one.
 
 Per-conversation state is explicit (its encoder and decoder state rows, the delay-pattern
 bookkeeping of its KV row), in the manner of kyutai's streaming modules; the codec's states of
@@ -34,9 +35,17 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from models.s2s_transformer import sample
+from models.delay_step import DelayState, DelayStepper
 from serving.bundle import ModelBundle
-from serving.session import GenerationSettings, SessionError, check_voice, reply_budget
+from serving.turns import (
+    GenerationSettings,
+    Prompt,
+    SessionError,
+    check_utterance_length,
+    check_voice,
+    last_hop,
+    turn_prompt,
+)
 
 log = logging.getLogger(__name__)
 MAX_ENCODE_ROUNDS = 16  # hops encoded per tick before replies get their step
@@ -116,21 +125,12 @@ class Engine:
         self.hop = self.codec.hop_length
         self.max_sessions = max_sessions
         config = self.s2s.config
-        self.n_codebooks = config.n_codebooks
         self.cache = self.s2s.init_slots(max_sessions)
         self.hidden = torch.zeros(max_sessions, 1, config.d_model, device=self.device)
         self.owner: list[Conversation | None] = [None] * max_sessions
-        rows = max_sessions
-        self.step = torch.zeros(rows, dtype=torch.long, device=self.device)
-        self.eos_frame = torch.zeros(rows, dtype=torch.long, device=self.device)
-        self.min_frames = torch.zeros(rows, dtype=torch.long, device=self.device)
-        self.max_frames = torch.zeros(rows, dtype=torch.long, device=self.device)
-        self.ring = torch.zeros(rows, config.n_codebooks, config.n_codebooks, dtype=torch.long, device=self.device)
+        self.delay = DelayState.empty(max_sessions, config.n_codebooks, self.device)  # aligned with KV rows
+        self.stepper = DelayStepper(config, self.device)
         self.live = 0                              # rows 0..live-1 are replying
-        self.allowed = torch.zeros(config.n_codebooks, config.vocab_size, dtype=torch.bool, device=self.device)
-        self.allowed[:, : config.codebook_size] = True
-        self.allowed[0, config.eos_id] = True
-        self.lag = torch.arange(config.n_codebooks, device=self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.encoder_states = RowStates(self.codec.init_encoder_state(max_sessions))
         self.decoder_states = RowStates(self.codec.init_decoder_state(max_sessions))  # aligned with KV rows
@@ -275,11 +275,11 @@ class Engine:
     def _take_audio(self, conversation: Conversation, pcm: np.ndarray) -> None:
         if conversation.discard or conversation.end_at is not None or conversation.row is not None:
             return  # audio during a reply (or of a refused turn) is not part of the next utterance
-        limit = self.settings.max_utterance_seconds
-        if (conversation.samples_in + len(pcm)) / self.bundle.sample_rate > limit:
-            conversation.emit(ReplyEvent("error", code="utterance_too_long",
-                                         message=f"utterance longer than {limit:g} s: this turn is dropped; "
-                                                 "send end of utterance sooner"))
+        try:
+            check_utterance_length(conversation.samples_in, len(pcm), self.bundle.sample_rate, self.settings,
+                                   drops_turn=True)
+        except SessionError as exc:
+            conversation.emit(ReplyEvent("error", code=exc.code, message=str(exc)))
             self._reset_turn(conversation)
             conversation.discard = True
             return
@@ -320,63 +320,42 @@ class Engine:
             if self.live >= self.max_sessions:
                 break
             worked = True
-            if len(c.pending):
-                self._encode_batch([c], [np.pad(c.pending, (0, self.hop - len(c.pending)))])
+            hop = last_hop(c.pending, self.hop)
+            if hop is not None:
+                self._encode_batch([c], [hop])
                 c.pending = c.pending[:0]
-            if not c.codes:
-                c.emit(ReplyEvent("error", code="empty_utterance",
-                                  message="end of utterance before any audio: nothing to reply to"))
+            try:
+                prompt = turn_prompt(c.codes, self.settings, self.codec.frame_rate, self.s2s.config)
+            except SessionError as exc:
+                c.emit(ReplyEvent("error", code=exc.code, message=str(exc)))
                 self._reset_turn(c)
                 continue
-            self._prefill(c)
+            self._prefill(c, prompt)
         return worked
 
-    def _prefill(self, c: Conversation) -> None:
-        reply_frames, room, min_frames = reply_budget(self.settings, self.codec.frame_rate, self.s2s.config)
-        user = torch.cat(c.codes, dim=-1)[:, :, -room:]  # the end of a long turn is what the reply answers
+    def _prefill(self, c: Conversation, prompt: Prompt) -> None:
         row = self.live
         self.live += 1
         self.owner[row], c.row = c, row
         speaker = torch.tensor([c.speaker_id], device=self.device)
         emotion = torch.tensor([c.emotion_id], device=self.device)
-        self.hidden[row] = self.s2s.prefill_row(self.cache, row, user, speaker, emotion)[0]
-        self.step[row], self.min_frames[row], self.max_frames[row] = 0, min_frames, reply_frames
-        self.eos_frame[row] = reply_frames + self.n_codebooks  # "never"
+        self.hidden[row] = self.s2s.prefill_row(self.cache, row, prompt.user, speaker, emotion)[0]
+        self.delay.begin(row, prompt.min_frames, prompt.reply_frames)
         self.decoder_states.reset(row)
         c.first_audio_at, c.frames_out = None, 0
 
     def _step(self, rows: slice) -> list[int]:
-        """One generation step for `rows`: sample, emit completed frames, advance; returns the rows
-        whose reply ended."""
-        config = self.s2s.config
-        count = rows.stop - rows.start
-        self.batch_sizes.append(count)
-        step, eos_frame = self.step[rows], self.eos_frame[rows]
-        logits = self.s2s.logits(self.hidden[rows]).masked_fill(~self.allowed, float("-inf"))
-        hold = step < self.min_frames[rows]
-        logits[:, 0, config.eos_id] = logits[:, 0, config.eos_id].masked_fill(hold, float("-inf"))
-        sampled = sample(logits, self.settings.temperature, self.settings.top_k, self.generator)
-        never = self.max_frames[rows] + self.n_codebooks
-        ends = (sampled[:, 0] == config.eos_id) | (step == self.max_frames[rows])
-        eos_frame = torch.where((eos_frame == never) & ends, step, eos_frame)
-        frame = step[:, None] - self.lag[None]
-        token = torch.where(frame == eos_frame[:, None], config.eos_id, sampled)
-        token = torch.where((frame < 0) | (frame > eos_frame[:, None]), config.pad_id, token)
-        self.ring[rows, :, :].scatter_(2, (step % self.n_codebooks)[:, None, None].expand(-1, self.n_codebooks, 1),
-                                       token[:, :, None])
-        done = step - (self.n_codebooks - 1)
-        finished = [rows.start + i for i in torch.nonzero((done >= 0) & (eos_frame <= done)).flatten().tolist()]
-        emitting = torch.nonzero((done >= 0) & (eos_frame > done)).flatten().tolist()
-        if emitting:
-            index = torch.tensor(emitting, device=self.device)
-            slots = (done[index, None] + self.lag[None]) % self.n_codebooks  # codebook k's token of frame `done`
-            codes = self.ring[rows][index].gather(2, slots[:, :, None])          # (e, K, 1)
-            self._decode([rows.start + i for i in emitting], codes)
-            finished += [rows.start + i for i in emitting if int(eos_frame[i]) <= int(done[i]) + 1]
-        self.eos_frame[rows] = eos_frame
-        self.step[rows] = step + 1
-        self.hidden[rows] = self.s2s.step_rows(self.cache, rows, token[:, :, None])
-        return sorted(set(finished))
+        """One generation step for `rows` (models.delay_step): sample, emit completed frames,
+        advance; returns the rows whose reply ended."""
+        self.batch_sizes.append(rows.stop - rows.start)
+        logits = self.s2s.logits(self.hidden[rows])
+        out = self.stepper.step(self.delay.rows(rows), logits, self.settings.temperature, self.settings.top_k,
+                                self.generator)
+        emitting = torch.nonzero(out.emitted).flatten()
+        if len(emitting):
+            self._decode([rows.start + i for i in emitting.tolist()], out.frames[emitting][:, :, None])
+        self.hidden[rows] = self.s2s.step_rows(self.cache, rows, out.tokens[:, :, None])
+        return [rows.start + i for i in torch.nonzero(out.ended).flatten().tolist()]
 
     def _decode(self, rows: list[int], codes: torch.Tensor) -> None:
         """One codec decoder step for these rows' completed frames (e, K, 1), sent to their sessions."""
@@ -407,8 +386,8 @@ class Engine:
         if row != last:
             self.cache.move_row(last, row)
             self.decoder_states.move(last, row)
-            for buffer in (self.hidden, self.step, self.eos_frame, self.min_frames, self.max_frames, self.ring):
-                buffer[row] = buffer[last]
+            self.delay.move_row(last, row)
+            self.hidden[row] = self.hidden[last]
             moved = self.owner[last]
             self.owner[row] = moved
             if moved is not None:

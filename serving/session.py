@@ -14,54 +14,24 @@ Timeline of a turn:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
 
-from s2s.labels import EMOTIONS, SPEAKERS
 from serving.bundle import ModelBundle
+from serving.turns import (
+    GenerationSettings,
+    SessionError,
+    check_utterance_length,
+    check_voice,
+    last_hop,
+    reply_budget,
+    turn_prompt,
+)
 
-
-class SessionError(ValueError):
-    """Input a session refuses; `code` is a stable name a protocol can send back."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    temperature: float = 0.8
-    top_k: int | None = 50
-    max_reply_seconds: float = 8.0
-    max_utterance_seconds: float = 15.0
-    min_reply_seconds: float = 0.2  # no empty replies: EOS is held back this long
-
-    @classmethod
-    def from_params(cls, serving: Any) -> "GenerationSettings":
-        return cls(serving.temperature, serving.top_k, serving.max_reply_seconds, serving.max_utterance_seconds,
-                   serving.min_reply_seconds)
-
-
-def reply_budget(settings: GenerationSettings, frame_rate: float, config: Any) -> tuple[int, int, int]:
-    """(reply frames, user frames, minimum reply frames) that fit the model's context: the reply
-    gets what the settings ask for but at most half, so a long user turn is cropped rather than
-    refused. One position is kept spare: the engine feeds the last step's tokens too."""
-    positions = config.max_len - config.sequence_length(0, 0) - 1
-    reply = min(max(1, int(settings.max_reply_seconds * frame_rate)), positions // 2)
-    return reply, positions - reply, min(reply, int(settings.min_reply_seconds * frame_rate))
-
-
-def check_voice(speaker: str, emotion: str) -> tuple[int, int]:
-    """The ids of a checklist speaker and emotion, or a SessionError naming the valid ones."""
-    if speaker not in SPEAKERS:
-        raise SessionError("unknown_speaker", f"unknown speaker {speaker!r}: one of {', '.join(SPEAKERS)}")
-    if emotion not in EMOTIONS:
-        raise SessionError("unknown_emotion", f"unknown emotion {emotion!r}: one of {', '.join(EMOTIONS)}")
-    return SPEAKERS.index(speaker), EMOTIONS.index(emotion)
+# the turn rules' names that callers (app, pyfunc, tasks, tests) import from here, with ReplySession
+__all__ = ["GenerationSettings", "ReplySession", "SessionError", "check_voice", "reply_budget"]
 
 
 class ReplySession:
@@ -98,9 +68,7 @@ class ReplySession:
     def feed(self, audio: np.ndarray) -> None:
         """Take float32 mono audio at the model's sample rate; code every whole frame it completes."""
         audio = np.asarray(audio, dtype=np.float32).reshape(-1)
-        limit = self.settings.max_utterance_seconds
-        if (self.samples_in + len(audio)) / self.bundle.sample_rate > limit:
-            raise SessionError("utterance_too_long", f"utterance longer than {limit:g} s: send end of utterance sooner")
+        check_utterance_length(self.samples_in, len(audio), self.bundle.sample_rate, self.settings)
         self.samples_in += len(audio)
         self.pending = np.concatenate([self.pending, audio])
         whole = len(self.pending) - len(self.pending) % self.hop
@@ -122,19 +90,16 @@ class ReplySession:
         for the next utterance.
         """
         try:
-            if len(self.pending):
-                self._encode(np.pad(self.pending, (0, self.hop - len(self.pending))))
-            if not self.codes:
-                raise SessionError("empty_utterance", "end of utterance before any audio: nothing to reply to")
-            user = torch.cat(self.codes, dim=-1)
+            hop = last_hop(self.pending, self.hop)
+            if hop is not None:
+                self._encode(hop)
             model = self.bundle.s2s
-            reply_frames, room, min_frames = reply_budget(self.settings, self.bundle.codec.frame_rate, model.config)
-            user = user[:, :, -room:]  # the end of a long turn is what the reply answers
+            prompt = turn_prompt(self.codes, self.settings, self.bundle.codec.frame_rate, model.config)
             speaker = torch.tensor([self.speaker_id], device=self.device)
             emotion = torch.tensor([self.emotion_id], device=self.device)
             decoder_state = self.bundle.codec.init_decoder_state(1)
-            frames = model.generate(user, speaker, emotion, reply_frames, self.settings.temperature,
-                                    self.settings.top_k, self.generator, min_frames)
+            frames = model.generate(prompt.user, speaker, emotion, prompt.reply_frames, self.settings.temperature,
+                                    self.settings.top_k, self.generator, prompt.min_frames)
             for frame in frames:
                 audio, decoder_state = self.bundle.codec.decode_step(frame, decoder_state)
                 yield audio[0, 0].float().cpu().numpy()
