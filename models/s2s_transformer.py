@@ -21,7 +21,10 @@ A sequence (one row per codebook) is
   [conditioning slot] [user frames, delayed] [BOS] [reply frames + EOS frame, delayed]
 The conditioning slot is an ordinary position (its token is a PAD placeholder) whose embedding is
 replaced by speaker + emotion embeddings: tokens, logits and targets then share one index, and the
-KV cache needs no special case for the conditioning. The loss covers only the reply (codes and
+KV cache needs no special case for the conditioning. With conditioning "every_step" the same
+embedding is also added to every position, so the voice controls reach every reply step instead
+of fading behind a long user turn; trained with conditioning dropout (a null speaker and emotion),
+it also allows classifier-free guidance. The loss covers only the reply (codes and
 EOS); everything else is PAD in the targets and skipped by cross-entropy's ignore_index.
 
 Streaming (after moshi): generation keeps its state in an explicit KVCache (per-layer keys and
@@ -61,6 +64,26 @@ class S2SConfig:
                                     # math path (1.8x a smoke training step), so only where it pays
     n_speakers: int = 4  # s2s.labels.SPEAKERS
     n_emotions: int = 9  # s2s.labels.EMOTIONS
+    conditioning: str = "slot"  # "slot": speaker + emotion at position 0 only (models before 2026-11-30);
+                                # "every_step": added to every position, with a null id for guidance
+
+    def __post_init__(self) -> None:
+        if self.conditioning not in ("slot", "every_step"):
+            raise ValueError(f"conditioning must be 'slot' or 'every_step', got {self.conditioning!r}")
+
+    @property
+    def guidable(self) -> bool:
+        """Trained with a null condition (conditioning dropout), so classifier-free guidance works."""
+        return self.conditioning == "every_step"
+
+    @property
+    def null_speaker(self) -> int:
+        """The "no speaker asked for" id (every_step only): conditioning dropout and guidance."""
+        return self.n_speakers
+
+    @property
+    def null_emotion(self) -> int:
+        return self.n_emotions
 
     @property
     def pad_id(self) -> int:
@@ -238,6 +261,7 @@ class SlotCache:
     keys: list[Tensor]    # per layer (rows, H, capacity, D)
     values: list[Tensor]
     lengths: Tensor       # (rows,) positions filled in each row
+    condition: Tensor     # (rows, d_model) speaker + emotion embedding of each row's reply
 
     @property
     def rows(self) -> int:
@@ -259,6 +283,7 @@ class SlotCache:
                 k[dst, :, :length] = k[src, :, :length]
                 v[dst, :, :length] = v[src, :, :length]
             self.lengths[dst] = self.lengths[src]
+            self.condition[dst] = self.condition[src]
 
 
 class CausalSelfAttention(nn.Module):
@@ -336,8 +361,9 @@ class S2STransformer(nn.Module):
         self.embeddings = nn.ModuleList(
             nn.Embedding(config.vocab_size, config.d_model) for _ in range(config.n_codebooks)
         )
-        self.speaker_embedding = nn.Embedding(config.n_speakers, config.d_model)
-        self.emotion_embedding = nn.Embedding(config.n_emotions, config.d_model)
+        null = 1 if config.guidable else 0  # one more row: the null condition
+        self.speaker_embedding = nn.Embedding(config.n_speakers + null, config.d_model)
+        self.emotion_embedding = nn.Embedding(config.n_emotions + null, config.d_model)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = nn.RMSNorm(config.d_model)
@@ -379,7 +405,9 @@ class S2STransformer(nn.Module):
     def init_slots(self, rows: int, capacity: int | None = None) -> SlotCache:
         """An empty SlotCache for up to `rows` concurrent sequences (see SlotCache)."""
         one = self.init_cache(rows, capacity)
-        return SlotCache(one.keys, one.values, torch.zeros(rows, dtype=torch.long, device=one.keys[0].device))
+        device = one.keys[0].device
+        return SlotCache(one.keys, one.values, torch.zeros(rows, dtype=torch.long, device=device),
+                         torch.zeros(rows, self.config.d_model, dtype=one.keys[0].dtype, device=device))
 
     def prefill_row(self, cache: SlotCache, row: int, user_codes: Tensor, speaker: Tensor, emotion: Tensor) -> Tensor:
         """Start a reply in row `row`: the prompt (conditioning, delayed user turn, BOS) goes into
@@ -393,6 +421,7 @@ class S2STransformer(nn.Module):
         view.length = 0
         hidden = self._hidden(prompt, speaker, emotion, view)[:, -1:]
         cache.lengths[row] = view.length
+        cache.condition[row] = self.condition(speaker, emotion)[0].to(cache.condition.dtype)
         return hidden
 
     def step_rows(self, cache: SlotCache, rows: slice, tokens: Tensor) -> Tensor:
@@ -402,6 +431,8 @@ class S2STransformer(nn.Module):
         if int(positions.max()) >= cache.capacity:
             raise ValueError(f"a row reached the cache capacity of {cache.capacity} positions")
         x = sum(embedding(tokens[:, k]) for k, embedding in enumerate(self.embeddings))
+        if self.config.conditioning == "every_step":
+            x = x + cache.condition[rows][:, None].to(x.dtype)
         cos, sin = self.rope_cos[positions][:, None, None], self.rope_sin[positions][:, None, None]
         span = int(positions.max()) + 1
         mask = (torch.arange(span, device=x.device)[None] <= positions[:, None])[:, None, None]
@@ -433,8 +464,14 @@ class S2STransformer(nn.Module):
         return F.cross_entropy(logits.flatten(0, 2).float(), targets.flatten(), ignore_index=self.config.pad_id)
 
     def _check_conditioning(self, speaker: Tensor, emotion: Tensor, batch: int) -> None:
-        _check_ids("speaker", speaker, self.config.n_speakers, batch)
-        _check_ids("emotion", emotion, self.config.n_emotions, batch)
+        """Ids of the model's speakers and emotions; a guidable model also takes the null ids."""
+        null = 1 if self.config.guidable else 0
+        _check_ids("speaker", speaker, self.config.n_speakers + null, batch)
+        _check_ids("emotion", emotion, self.config.n_emotions + null, batch)
+
+    def condition(self, speaker: Tensor, emotion: Tensor) -> Tensor:
+        """(B, d_model): what a reply is conditioned on."""
+        return self.speaker_embedding(speaker) + self.emotion_embedding(emotion)
 
     def _hidden(self, tokens: Tensor, speaker: Tensor, emotion: Tensor, cache: KVCache | None) -> Tensor:
         """Final hidden states (B, L, d_model); appends to the cache and advances it."""
@@ -444,8 +481,10 @@ class S2STransformer(nn.Module):
         if start + length > limit:
             raise ValueError(f"positions {start}..{start + length - 1} exceed the {limit} available")
         x = sum(embedding(tokens[:, k]) for k, embedding in enumerate(self.embeddings))
+        condition = self.condition(speaker, emotion)
+        if self.config.conditioning == "every_step":  # every position hears the voice it speaks in
+            x = x + condition[:, None]
         if start == 0:  # the conditioning slot
-            condition = self.speaker_embedding(speaker) + self.emotion_embedding(emotion)
             x = torch.cat([condition[:, None], x[:, 1:]], dim=1)
         x = self.drop(x)
         cos, sin = self.rope_cos[start : start + length], self.rope_sin[start : start + length]
@@ -469,6 +508,7 @@ class S2STransformer(nn.Module):
         top_k: int | None = None,
         generator: torch.Generator | None = None,
         min_frames: int = 0,
+        guidance: float = 1.0,
     ) -> Iterator[Tensor]:
         """Speak the reply to `user_codes` (B, K, Tu): yields frames (B, K, 1) of codes as soon as
         each is complete, until every sequence has ended (EOS) or `max_frames` were yielded.
@@ -477,7 +517,10 @@ class S2STransformer(nn.Module):
         temperature=0 or top_k=1 is greedy. EOS is not sampled before `min_frames` frames (a
         reply is never empty when min_frames >= 1). Codebook 0 may sample codes or EOS, the others codes
         only: their delay gaps and their EOS follow from codebook 0's (models.delay_step, the rule
-        the serving engine steps its rows with too). Dropout is active in training mode, so call
+        the serving engine steps its rows with too). guidance > 1 is classifier-free guidance
+        (a guidable model only): logits = unconditioned + guidance x (conditioned - unconditioned),
+        from a second pass with the null speaker and emotion, so the reply follows the voice
+        controls more closely at twice the compute. Dropout is active in training mode, so call
         model.eval() first."""
         config = self.config
         if user_codes.dim() != 3:
@@ -491,6 +534,10 @@ class S2STransformer(nn.Module):
             raise ValueError(f"max_frames must be at least 1, got {max_frames}")
         if temperature < 0 or (top_k is not None and top_k < 1):
             raise ValueError(f"need temperature >= 0 and top_k >= 1, got {temperature} and {top_k}")
+        guided = guidance != 1.0
+        if guided and not config.guidable:
+            raise ValueError(f"guidance {guidance} needs a model trained with conditioning 'every_step' "
+                             f"(this one: {config.conditioning!r})")
         positions = config.sequence_length(user_frames, max_frames)
         if positions > config.max_len:
             room = config.max_len - config.sequence_length(user_frames, 0)
@@ -501,8 +548,13 @@ class S2STransformer(nn.Module):
             )
         pad, bos = config.pad_id, config.bos_id
         device = user_codes.device
-        cache = self.init_cache(batch, positions)
-        column = torch.full((batch, n_codebooks, 1), pad, dtype=torch.long, device=device)
+        if guided:  # rows B.. are the same prompts without a condition
+            speaker = torch.cat([speaker, torch.full_like(speaker, config.null_speaker)])
+            emotion = torch.cat([emotion, torch.full_like(emotion, config.null_emotion)])
+            user_codes = torch.cat([user_codes, user_codes])
+        rows = user_codes.shape[0]
+        cache = self.init_cache(rows, positions)
+        column = torch.full((rows, n_codebooks, 1), pad, dtype=torch.long, device=device)
         prompt = torch.cat([column, delay(user_codes.long(), pad), column.clone().fill_(bos)], dim=2)
         hidden = self._hidden(prompt, speaker, emotion, cache)[:, -1:]
 
@@ -510,10 +562,15 @@ class S2STransformer(nn.Module):
         state = DelayState.empty(batch, n_codebooks, device)
         state.begin(slice(None), min_frames, max_frames)
         for _ in range(max_frames + n_codebooks):  # a bound: every row has ended by then
-            out = stepper.step(state, self.logits(hidden), temperature, top_k, generator)
+            logits = self.logits(hidden)
+            if guided:
+                conditioned, free = logits[:batch], logits[batch:]
+                logits = free + guidance * (conditioned - free)
+            out = stepper.step(state, logits, temperature, top_k, generator)
             if out.emitted.any():
                 yield out.frames.masked_fill(~out.emitted[:, None], pad)[:, :, None]
             if out.ended.all():
                 return
-            hidden = self._hidden(out.tokens[:, :, None], speaker, emotion, cache)
+            tokens = out.tokens[:, :, None]
+            hidden = self._hidden(torch.cat([tokens, tokens]) if guided else tokens, speaker, emotion, cache)
 

@@ -197,11 +197,13 @@ class S2SModelConfig(_Section):
     max_len: int
     dropout: float
     attention_dropout: float
+    conditioning: Literal["slot", "every_step"]
 
 
 class S2STrainConfig(_TrainConfig):
     warmup_steps: int
     max_turn_frames: int
+    condition_dropout: float      # share of examples trained with the null speaker and emotion
 
 
 class CodecGate(_Section):
@@ -320,6 +322,7 @@ class ServingConfig(_Section):
     max_reply_seconds: float
     max_utterance_seconds: float
     min_reply_seconds: float
+    guidance: float                   # classifier-free guidance on speaker and emotion; 1.0 = off
     model: str                        # models:/<name>@<alias>, models:/<name>/<version> or a bundle folder
     host: str
     port: int

@@ -114,8 +114,7 @@ def _authorized(state: ServerState, headers: Any, query: Any) -> bool:
 
 def create_app(bundle: ModelBundle, config: ServingConfig, model_uri: str = "") -> FastAPI:
     """The app around a loaded bundle; starts its engine thread at startup."""
-    settings = GenerationSettings(config.temperature, config.top_k, config.max_reply_seconds,
-                                  config.max_utterance_seconds, config.min_reply_seconds)
+    settings = GenerationSettings.from_params(config)
     engine = Engine(bundle, settings, config.max_sessions, config.batching, config.threads)
     state = ServerState(engine, bundle, config, model_uri, os.environ.get(config.token_env) or None)
     app = FastAPI(title="Telugu S2S", version=str(PROTOCOL))

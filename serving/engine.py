@@ -125,8 +125,14 @@ class Engine:
         self.hop = self.codec.hop_length
         self.max_sessions = max_sessions
         config = self.s2s.config
-        self.cache = self.s2s.init_slots(max_sessions)
-        self.hidden = torch.zeros(max_sessions, 1, config.d_model, device=self.device)
+        self.guided = settings.guidance != 1.0
+        if self.guided and not config.guidable:
+            raise ValueError(f"guidance {settings.guidance} needs a model trained with conditioning 'every_step' "
+                             f"(this one: {config.conditioning!r}); set serving.guidance to 1.0")
+        # With guidance, row r + max_sessions is row r's unconditioned twin (the same prompt and
+        # tokens, the null speaker and emotion): live rows stay one contiguous slice in each half.
+        self.cache = self.s2s.init_slots(2 * max_sessions if self.guided else max_sessions)
+        self.hidden = torch.zeros(self.cache.rows, 1, config.d_model, device=self.device)
         self.owner: list[Conversation | None] = [None] * max_sessions
         self.delay = DelayState.empty(max_sessions, config.n_codebooks, self.device)  # aligned with KV rows
         self.stepper = DelayStepper(config, self.device)
@@ -340,6 +346,10 @@ class Engine:
         speaker = torch.tensor([c.speaker_id], device=self.device)
         emotion = torch.tensor([c.emotion_id], device=self.device)
         self.hidden[row] = self.s2s.prefill_row(self.cache, row, prompt.user, speaker, emotion)[0]
+        if self.guided:
+            twin, config = row + self.max_sessions, self.s2s.config
+            self.hidden[twin] = self.s2s.prefill_row(self.cache, twin, prompt.user, torch.full_like(speaker, config.null_speaker),
+                                                     torch.full_like(emotion, config.null_emotion))[0]
         self.delay.begin(row, prompt.min_frames, prompt.reply_frames)
         self.decoder_states.reset(row)
         c.first_audio_at, c.frames_out = None, 0
@@ -349,12 +359,18 @@ class Engine:
         advance; returns the rows whose reply ended."""
         self.batch_sizes.append(rows.stop - rows.start)
         logits = self.s2s.logits(self.hidden[rows])
+        twins = slice(rows.start + self.max_sessions, rows.stop + self.max_sessions)
+        if self.guided:
+            free = self.s2s.logits(self.hidden[twins])
+            logits = free + self.settings.guidance * (logits - free)
         out = self.stepper.step(self.delay.rows(rows), logits, self.settings.temperature, self.settings.top_k,
                                 self.generator)
         emitting = torch.nonzero(out.emitted).flatten()
         if len(emitting):
             self._decode([rows.start + i for i in emitting.tolist()], out.frames[emitting][:, :, None])
         self.hidden[rows] = self.s2s.step_rows(self.cache, rows, out.tokens[:, :, None])
+        if self.guided:
+            self.hidden[twins] = self.s2s.step_rows(self.cache, twins, out.tokens[:, :, None])
         return [rows.start + i for i in torch.nonzero(out.ended).flatten().tolist()]
 
     def _decode(self, rows: list[int], codes: torch.Tensor) -> None:
@@ -385,6 +401,9 @@ class Engine:
         last = self.live - 1
         if row != last:
             self.cache.move_row(last, row)
+            if self.guided:
+                self.cache.move_row(last + self.max_sessions, row + self.max_sessions)
+                self.hidden[row + self.max_sessions] = self.hidden[last + self.max_sessions]
             self.decoder_states.move(last, row)
             self.delay.move_row(last, row)
             self.hidden[row] = self.hidden[last]

@@ -99,7 +99,7 @@ class ReplySession:
             emotion = torch.tensor([self.emotion_id], device=self.device)
             decoder_state = self.bundle.codec.init_decoder_state(1)
             frames = model.generate(prompt.user, speaker, emotion, prompt.reply_frames, self.settings.temperature,
-                                    self.settings.top_k, self.generator, prompt.min_frames)
+                                    self.settings.top_k, self.generator, prompt.min_frames, self.settings.guidance)
             for frame in frames:
                 audio, decoder_state = self.bundle.codec.decode_step(frame, decoder_state)
                 yield audio[0, 0].float().cpu().numpy()

@@ -31,11 +31,12 @@ class GenerationSettings:
     max_reply_seconds: float = 8.0
     max_utterance_seconds: float = 15.0
     min_reply_seconds: float = 0.2  # no empty replies: EOS is held back this long
+    guidance: float = 1.0           # classifier-free guidance on the voice controls; 1 = off (guidable models)
 
     @classmethod
     def from_params(cls, serving: Any) -> "GenerationSettings":
         return cls(serving.temperature, serving.top_k, serving.max_reply_seconds, serving.max_utterance_seconds,
-                   serving.min_reply_seconds)
+                   serving.min_reply_seconds, serving.guidance)
 
 
 def check_voice(speaker: str, emotion: str) -> tuple[int, int]:

@@ -197,7 +197,8 @@ def generate_replies(bundle: ModelBundle, requests: list[ReplyRequest], params: 
     voices). A row ends at its first PAD frame (EOS); each row is decoded on its own."""
     cfg = params.evaluation
     settings = GenerationSettings(cfg.temperature, cfg.top_k, cfg.max_reply_seconds,
-                                  params.serving.max_utterance_seconds, params.serving.min_reply_seconds)
+                                  params.serving.max_utterance_seconds, params.serving.min_reply_seconds,
+                                  params.serving.guidance)
     codec, model = bundle.codec, bundle.s2s
     generator = torch.Generator().manual_seed(params.evaluation.asr.seed)
     replies: list[Clip] = []
@@ -209,7 +210,7 @@ def generate_replies(bundle: ModelBundle, requests: list[ReplyRequest], params: 
         speaker = torch.tensor([SPEAKERS.index(s) for s, _, _ in conditions])
         emotion = torch.tensor([EMOTIONS.index(e) for _, e, _ in conditions])
         frames = torch.cat(list(model.generate(user, speaker, emotion, max_frames, settings.temperature,
-                                               settings.top_k, generator, min_frames)), dim=-1)
+                                               settings.top_k, generator, min_frames, settings.guidance)), dim=-1)
         for row, (spk, emo, sweeps) in enumerate(conditions):
             ended = (frames[row, 0] == model.config.pad_id).nonzero()
             length = int(ended[0]) if len(ended) else frames.shape[-1]

@@ -197,7 +197,12 @@ def train_s2s(params: Params, resume: bool = False, max_steps: int | None = None
         while step < total:
             generator = step_generator(cfg.seed, step, dist_info.rank)
             indices = torch.randint(len(train_pairs), (cfg.batch_size,), generator=generator).tolist()
-            inputs, targets, speaker, emotion = (t.to(device) for t in make_batch(train_pairs, indices, config))
+            inputs, targets, speaker, emotion = make_batch(train_pairs, indices, config)
+            if config.guidable and cfg.condition_dropout > 0:  # the null condition guidance contrasts with
+                dropped = torch.rand(len(indices), generator=generator) < cfg.condition_dropout
+                speaker = speaker.masked_fill(dropped, config.null_speaker)
+                emotion = emotion.masked_fill(dropped, config.null_emotion)
+            inputs, targets, speaker, emotion = (t.to(device) for t in (inputs, targets, speaker, emotion))
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, total, cfg.lr, cfg.warmup_steps)
             with autocast(device):

@@ -244,3 +244,52 @@ def test_each_dropout_acts_in_training_only(dropout: float, attention_dropout: f
         torch.testing.assert_close(model(tokens, speaker, emotion), model(tokens, speaker, emotion))
     attention = model.blocks[0].attn
     assert attention.dropout == attention_dropout
+
+
+GUIDABLE = S2SConfig(n_codebooks=4, codebook_size=256, d_model=64, n_layers=2, n_heads=4, max_len=128,
+                     conditioning="every_step")
+
+
+def test_every_step_conditioning_reaches_each_position_the_same_way_in_every_path():
+    torch.manual_seed(0)
+    model = S2STransformer(GUIDABLE).eval()
+    user, speaker, emotion = random_codes(1, 4, 9), ids(2), ids(5)
+    tokens = random_codes(1, 4, 3, seed=3)
+    with torch.inference_mode():
+        slots = model.init_slots(2)
+        model.prefill_row(slots, 1, user, speaker, emotion)
+        by_row = [model.step_rows(slots, slice(1, 2), tokens[..., i: i + 1]) for i in range(3)]
+        cache = model.init_cache(1)
+        pad, bos = GUIDABLE.pad_id, GUIDABLE.bos_id
+        prompt = torch.cat([torch.full((1, 4, 1), pad), delay(user, pad), torch.full((1, 4, 1), bos)], dim=2)
+        model(prompt, speaker, emotion, cache)
+        by_cache = [model._hidden(tokens[..., i: i + 1], speaker, emotion, cache) for i in range(3)]
+        other = model.init_cache(1)
+        model(prompt, speaker, ids(6), other)
+        other_emotion = model._hidden(tokens[..., :1], speaker, ids(6), other)
+    for a, b in zip(by_row, by_cache):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(other_emotion, by_cache[0], atol=1e-3)   # the step itself hears the emotion
+
+
+def test_guidance_needs_a_guidable_model_and_changes_greedy_replies():
+    torch.manual_seed(0)
+    model = S2STransformer(GUIDABLE).eval()
+    user, speaker, emotion = random_codes(2, 4, 6), ids(0, 3), ids(1, 8)
+
+    def reply(guidance: float) -> Tensor:
+        return torch.cat(list(model.generate(user, speaker, emotion, max_frames=6, temperature=0,
+                                             guidance=guidance)), dim=2)
+
+    plain = reply(1.0)
+    assert plain.shape == (2, 4, 6)
+    with torch.no_grad():
+        model.speaker_embedding.weight.mul_(20)   # make the condition matter for this random model
+    assert not torch.equal(reply(1.0), reply(4.0))
+    assert model.generate(user, ids(4, 4), ids(9, 9), max_frames=2) is not None   # null ids are valid here
+    with pytest.raises(ValueError, match="guidance 2.0 needs a model trained with conditioning 'every_step'"):
+        next(tiny_model().generate(user, speaker, emotion, max_frames=2, guidance=2.0))
+    with pytest.raises(ValueError, match="speaker id 4 is out of range"):
+        next(tiny_model().generate(user, ids(4, 0), emotion, max_frames=2))
+    with pytest.raises(ValueError, match="conditioning must be 'slot' or 'every_step'"):
+        S2SConfig(conditioning="film")

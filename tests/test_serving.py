@@ -83,12 +83,13 @@ def test_batched_replies_equal_one_by_one_replies(bundle_dir: Path, one_thread):
             assert set(engine.batch_sizes) == {1}
 
 
-def test_slot_rows_move_without_changing_their_continuation(one_thread):
+@pytest.mark.parametrize("conditioning", ["slot", "every_step"])
+def test_slot_rows_move_without_changing_their_continuation(one_thread, conditioning: str):
     from models.s2s_transformer import S2SConfig, S2STransformer
 
     torch.manual_seed(0)
     model = S2STransformer(S2SConfig(n_codebooks=2, codebook_size=16, d_model=16, n_layers=1, n_heads=2,
-                                     max_len=64)).eval()
+                                     max_len=64, conditioning=conditioning)).eval()
     cache = model.init_slots(3)
     hidden = [model.prefill_row(cache, row, torch.randint(16, (1, 2, 4 + row)), torch.tensor([row]),
                                 torch.tensor([row])) for row in range(3)]
