@@ -1,0 +1,89 @@
+"""Should a challenger replace the champion? Only when it is not worse on the figures users hear.
+
+Auto-promotion (smoke) used to make every version that passed its gates the champion, so a quick
+smoke run could replace a model trained for an hour. Now the challenger's quality figures are set
+beside the champion's: a figure worse by more than its tolerance (run-to-run noise) blocks the
+promotion, and the comparison goes into the sign-off report either way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# (flat metric name as registered, higher is better, tolerance: differences within it are noise)
+PROMOTION_FIGURES: tuple[tuple[str, bool, float], ...] = (
+    ("codec.stoi", True, 0.01),
+    ("codec.pesq_wb", True, 0.05),
+    ("quality.codec_roundtrip.cer", False, 0.02),
+    ("quality.replies.cer", False, 0.02),
+    ("quality.replies.emotion_control", True, 0.03),
+    ("quality.replies.speaker_control", True, 0.03),
+    ("quality.replies.dnsmos_p808", True, 0.05),
+)
+
+
+@dataclass(frozen=True)
+class FigureComparison:
+    metric: str
+    challenger: float | None
+    champion: float | None
+    higher_is_better: bool
+    tolerance: float
+
+    @property
+    def verdict(self) -> str:
+        """better, same (within tolerance), worse, or not compared (the champion lacks it)."""
+        if self.champion is None:
+            return "not compared"
+        if self.challenger is None:
+            return "worse"      # a figure the challenger did not measure cannot be taken on trust
+        gain = (self.challenger - self.champion) * (1 if self.higher_is_better else -1)
+        return "better" if gain > self.tolerance else "worse" if gain < -self.tolerance else "same"
+
+
+@dataclass(frozen=True)
+class PromotionDecision:
+    champion_version: str | None
+    rows: tuple[FigureComparison, ...]
+
+    @property
+    def promote(self) -> bool:
+        return not any(row.verdict == "worse" for row in self.rows)
+
+    @property
+    def reason(self) -> str:
+        if self.champion_version is None:
+            return "no champion yet"
+        worse = [r for r in self.rows if r.verdict == "worse"]
+        if not worse:
+            return f"not worse than champion version {self.champion_version} on any compared figure"
+        return f"worse than champion version {self.champion_version} on " + ", ".join(
+            f"{r.metric} ({'-' if r.challenger is None else f'{r.challenger:.4g}'} vs {r.champion:.4g})"
+            for r in worse)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"champion_version": self.champion_version, "promote": self.promote, "reason": self.reason,
+                "rows": [{"metric": r.metric, "challenger": r.challenger, "champion": r.champion,
+                          "verdict": r.verdict} for r in self.rows]}
+
+
+def compare_with_champion(challenger: dict[str, float], champion: dict[str, float] | None,
+                          champion_version: str | None) -> PromotionDecision:
+    """Compare flat metrics (`codec.stoi`, `quality.replies.cer`, ...); no champion: promote."""
+    if champion is None:
+        return PromotionDecision(None, ())
+    return PromotionDecision(champion_version, tuple(
+        FigureComparison(metric, challenger.get(metric), champion.get(metric), higher, tolerance)
+        for metric, higher, tolerance in PROMOTION_FIGURES))
+
+
+def figures_from_tags(tags: dict[str, str]) -> dict[str, float]:
+    """The flat metrics a registered version carries as tags (written with 4 significant digits)."""
+    figures = {}
+    for metric, _, _ in PROMOTION_FIGURES:
+        try:
+            figures[metric] = float(tags[metric])
+        except (KeyError, ValueError):
+            continue
+    return figures

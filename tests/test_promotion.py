@@ -1,0 +1,36 @@
+"""Auto-promotion compares the challenger with the champion: a model worse on what users hear is
+never promoted, whatever gates it passed."""
+
+from __future__ import annotations
+
+from tasks.promotion import compare_with_champion, figures_from_tags
+
+CHAMPION = {"codec.stoi": 0.90, "codec.pesq_wb": 2.0, "quality.codec_roundtrip.cer": 0.2,
+            "quality.replies.cer": 0.5, "quality.replies.emotion_control": 0.6,
+            "quality.replies.speaker_control": 0.9, "quality.replies.dnsmos_p808": 2.5}
+
+
+def test_no_champion_means_promote() -> None:
+    decision = compare_with_champion(CHAMPION, None, None)
+    assert decision.promote and decision.reason == "no champion yet"
+
+
+def test_noise_is_not_worse_but_a_real_loss_blocks_promotion() -> None:
+    noisy = {**CHAMPION, "codec.stoi": 0.895, "quality.replies.cer": 0.51}
+    assert compare_with_champion(noisy, CHAMPION, "3").promote
+    worse = {**CHAMPION, "quality.replies.speaker_control": 0.5, "codec.pesq_wb": 2.5}
+    decision = compare_with_champion(worse, CHAMPION, "3")
+    assert not decision.promote
+    assert decision.reason == "worse than champion version 3 on quality.replies.speaker_control (0.5 vs 0.9)"
+    verdicts = {row["metric"]: row["verdict"] for row in decision.to_dict()["rows"]}
+    assert verdicts["codec.pesq_wb"] == "better" and verdicts["codec.stoi"] == "same"
+
+
+def test_missing_figures_old_champions_and_tags() -> None:
+    partial = {k: v for k, v in CHAMPION.items() if k != "quality.replies.cer"}
+    assert not compare_with_champion(partial, CHAMPION, "2").promote     # unmeasured is not better
+    old = {"codec.stoi": 0.7}                                             # an older champion knew less
+    decision = compare_with_champion(CHAMPION, old, "1")
+    assert decision.promote and {r.verdict for r in decision.rows} == {"better", "not compared"}
+    tags = {"codec.stoi": "0.9012", "quality.replies.cer": "0.5", "gates_passed": "true", "codec.pesq_wb": "n/a"}
+    assert figures_from_tags(tags) == {"codec.stoi": 0.9012, "quality.replies.cer": 0.5}
