@@ -21,14 +21,16 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run, task_run
 
-from s2s.config import Params, load_params
+from core import atomic
+from core.config import Params, load_params
 from serving.bundle import bundle_sha, load_bundle_dir, read_meta
-from tasks import atomic, candidate, flow_runs, gates
-from tasks.evaluate_quality import evaluate_quality, flat_metrics, quality_markdown
-from tasks.latency import measure_latency
-from tasks.registry import RegisteredVersion, register_bundle
-from tasks.train_codec import CodecTrainResult, train_codec
-from tasks.train_s2s import S2STrainResult, train_s2s
+from tasks.evaluation import gates
+from tasks.evaluation.latency import measure_latency
+from tasks.evaluation.model_quality import evaluate_quality, flat_metrics, quality_markdown
+from tasks.release import candidate, flow_runs
+from tasks.release.registry import RegisteredVersion, register_bundle
+from tasks.training.train_codec import CodecTrainResult, train_codec
+from tasks.training.train_s2s import S2STrainResult, train_s2s
 
 
 def with_thresholds(overrides: dict[str, Any] | None, thresholds: dict[str, Any] | None) -> dict[str, Any]:

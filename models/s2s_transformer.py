@@ -57,8 +57,8 @@ class S2SConfig:
     dropout: float = 0.0            # on embeddings and residual branches
     attention_dropout: float = 0.0  # on attention weights: on the CPU it sends SDPA down its slow
                                     # math path (1.8x a smoke training step), so only where it pays
-    n_speakers: int = 4  # s2s.labels.SPEAKERS
-    n_emotions: int = 9  # s2s.labels.EMOTIONS
+    n_speakers: int = 4  # core.labels.SPEAKERS
+    n_emotions: int = 9  # core.labels.EMOTIONS
 
     @property
     def pad_id(self) -> int:

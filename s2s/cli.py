@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from s2s.config import ConfigError, find_root, load_params, parse_overrides
+from core.config import ConfigError, find_root, load_params, parse_overrides
 
 app = typer.Typer(help="Telugu S2S pipeline.", no_args_is_help=True, add_completion=False)
 corpus_app = typer.Typer(help="The embedded corpus.", no_args_is_help=True)
@@ -52,7 +52,7 @@ def _prefect_env() -> None:
 def corpus_synth(profile: Optional[str] = ProfileOpt, out: Optional[Path] = typer.Option(None, help="output folder"),
                  set_: Optional[list[str]] = SetOpt) -> None:
     """Render the embedded Telugu corpus with espeak-ng and write its sources.yaml."""
-    from tasks.synth_corpus import synthesize
+    from tasks.data.synth_corpus import synthesize
 
     try:
         params = load_params(profile, parse_overrides(set_))
@@ -92,7 +92,7 @@ def flow_data(profile: Optional[str] = ProfileOpt,
     except ConfigError as exc:
         _fail(str(exc))
     from flows.data_flow import data_flow
-    from tasks.sources import SourcesError
+    from tasks.data.sources import SourcesError
 
     try:
         summary = data_flow(profile=params.profile, sources_file=str(sources) if sources else None,
@@ -112,9 +112,9 @@ ThresholdOpt = typer.Option(None, "--threshold", help="override a gate threshold
 
 def _run_gated(run) -> dict:
     """Run a flow that gates a candidate; a refused candidate or bad input ends with exit code 1/2."""
-    from tasks.corpus_audio import CorpusError
-    from tasks.gates import GateFailed
-    from tasks.sources import SourcesError
+    from tasks.data.corpus_audio import CorpusError
+    from tasks.data.sources import SourcesError
+    from tasks.evaluation.gates import GateFailed
 
     try:
         return run()
@@ -142,9 +142,9 @@ def print_candidate(result: dict) -> None:
                   soft_wrap=True)
 
 
-def print_quality(quality: dict, title: str = "Quality (tasks/evaluate_quality.py)") -> None:
+def print_quality(quality: dict, title: str = "Quality (tasks/evaluation/model_quality.py)") -> None:
     """MOS, CER, emotion and speaker figures of corpus audio, codec round trip and replies."""
-    from tasks.evaluate_quality import table_rows
+    from tasks.evaluation.model_quality import table_rows
 
     table = Table(title=title)
     for column in ("figure", "corpus audio (ceiling)", "codec round trip", "generated replies"):
@@ -211,9 +211,11 @@ def gates_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = S
               threshold: Optional[list[str]] = ThresholdOpt) -> None:
     """Gate the trained candidate without Prefect (the dvc.yaml `gates` stage): codec, S2S, then
     latency through the serving path; writes artifacts/gates.json; exit code 1 when one fails."""
+    from core import atomic
     from serving.bundle import load_bundle_dir
-    from tasks import atomic, candidate, gates
-    from tasks.latency import measure_latency
+    from tasks.evaluation import gates
+    from tasks.evaluation.latency import measure_latency
+    from tasks.release import candidate
 
     overrides = parse_overrides(set_)
     if threshold:
@@ -252,12 +254,13 @@ def eval_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = Se
 
     Trains the evaluators once per corpus version; logs an MLflow run `quality`; a registered
     version also gets the figures as tags (quality.*), which its sign-off report shows."""
+    from core import atomic
+    from core.tracking import tracking_uri
     from serving.bundle import BundleError, bundle_sha, load_bundle_dir
-    from tasks.corpus_audio import CorpusError
-    from tasks import atomic
-    from tasks.evaluate_quality import evaluate_quality, record_on_version
-    from tasks.gates import quality_gate
-    from tasks.registry import download_bundle, tracking_uri
+    from serving.bundle import download_bundle
+    from tasks.data.corpus_audio import CorpusError
+    from tasks.evaluation.gates import quality_gate
+    from tasks.evaluation.model_quality import evaluate_quality, record_on_version
 
     overrides = parse_overrides(set_)
     if threshold:
@@ -302,7 +305,7 @@ def signoff_report(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]
     """Render the sign-off report of a model version (markdown; MLflow and Prefect artifacts)."""
     if prefect:
         _prefect_env()
-    from tasks import signoff
+    from tasks.release import signoff
 
     params = _params(profile, set_)
     try:
@@ -319,7 +322,7 @@ def signoff_approve(role: str = typer.Option(..., help="technical_lead | project
                     version: Optional[str] = typer.Option(None, help="model version (default: the challenger)"),
                     profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """Approve a version in a role; it becomes champion once every required role approved."""
-    from tasks import signoff
+    from tasks.release import signoff
 
     params = _params(profile, set_)
     try:
@@ -338,9 +341,10 @@ def signoff_approve(role: str = typer.Option(..., help="technical_lead | project
 def publish_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = SetOpt,
                 model: str = typer.Option("champion", help="alias or version number of the registered model")) -> None:
     """Publish a registered model to the Hugging Face Hub (HF_TOKEN), or write the bundle locally."""
+    from core.tracking import tracking_uri
     from serving.bundle import BundleError
-    from tasks.publish import PublishError, publish_bundle
-    from tasks.registry import download_bundle, tracking_uri
+    from serving.bundle import download_bundle
+    from tasks.release.publish import PublishError, publish_bundle
 
     params = _params(profile, set_)
     name = params.registry.model_name
@@ -372,7 +376,7 @@ def serve_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = S
 
 
 def _register_loadtest() -> None:
-    from serving.loadtest import loadtest_command
+    from tasks.benchmarks.loadtest import loadtest_command
 
     app.command("loadtest", help="Concurrent WebSocket clients speaking test-split utterances: latency, "
                                  "errors, drops; writes docs/benchmarks.md.")(loadtest_command)
@@ -385,7 +389,7 @@ _register_loadtest()
 def bench_segment(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = SetOpt,
                   json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures here")) -> None:
     """Segmentation against the synthetic ground truth, and VAD + quality throughput."""
-    from tasks.bench_segment import print_report, run_benchmark
+    from tasks.benchmarks.bench_segment import print_report, run_benchmark
 
     try:
         params = load_params(profile, parse_overrides(set_))
@@ -394,7 +398,7 @@ def bench_segment(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]]
     report = run_benchmark(params)
     print_report(report, console)
     if json_out:
-        from tasks import atomic
+        from core import atomic
 
         atomic.write_text(json_out, json.dumps(report, indent=2) + "\n")
 
@@ -413,8 +417,8 @@ def train_codec_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str
                     no_mlflow: bool = typer.Option(False, "--no-mlflow", help="do not log to MLflow"),
                     force: bool = ForceOpt) -> None:
     """Train TeluCodec on the corpus and score it on the test split."""
-    from tasks.corpus_audio import CorpusError
-    from tasks.train_codec import train_codec
+    from tasks.data.corpus_audio import CorpusError
+    from tasks.training.train_codec import train_codec
 
     params = _params(profile, set_)
     try:
@@ -436,8 +440,8 @@ def train_s2s_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]]
                   no_mlflow: bool = typer.Option(False, "--no-mlflow", help="do not log to MLflow"),
                   force: bool = ForceOpt) -> None:
     """Tokenize the corpus with the trained codec (if needed) and train the S2S transformer."""
-    from tasks.corpus_audio import CorpusError
-    from tasks.train_s2s import train_s2s
+    from tasks.data.corpus_audio import CorpusError
+    from tasks.training.train_s2s import train_s2s
 
     params = _params(profile, set_)
     try:
@@ -467,7 +471,7 @@ def _print_scores(title: str, rows: dict[str, dict[str, float]]) -> None:
 def bench_codec_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = SetOpt,
                     threads: int = typer.Option(1, help="torch threads (1 = one CPU stream)")) -> None:
     """Encode/decode real-time factors and streaming decode latency of the trained codec."""
-    from tasks.bench_models import bench_codec
+    from tasks.benchmarks.bench_models import bench_codec
 
     _print_figures("s2s bench codec", bench_codec(_params(profile, set_), threads=threads))
 
@@ -476,7 +480,7 @@ def bench_codec_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str
 def bench_s2s_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = SetOpt,
                   threads: int = typer.Option(1, help="torch threads")) -> None:
     """Generation tokens/s at batch 1 and 64 with the KV cache, and time to the first reply frame."""
-    from tasks.bench_models import bench_s2s
+    from tasks.benchmarks.bench_models import bench_s2s
 
     _print_figures("s2s bench s2s", bench_s2s(_params(profile, set_), threads=threads))
 

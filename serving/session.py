@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from s2s.labels import EMOTIONS, SPEAKERS
+from core.labels import EMOTIONS, SPEAKERS
 from serving.bundle import ModelBundle
 
 

@@ -3,8 +3,8 @@ bitrate on SNR, mel distance and STOI, besides the absolute thresholds."""
 
 from __future__ import annotations
 
-from s2s.config import load_params
-from tasks.gates import codec_gate
+from core.config import load_params
+from tasks.evaluation.gates import codec_gate
 
 MULAW = {"snr_db": 0.03, "si_sdr_db": -21.4, "mel_distance": 4.2, "stoi": 0.31, "pesq_wb": 1.02}
 GOOD = {"snr_db": 2.8, "si_sdr_db": -3.0, "mel_distance": 0.66, "stoi": 0.69, "pesq_wb": 1.1}

@@ -21,12 +21,11 @@ import websockets
 
 from serving.bundle import load_bundle
 from serving.engine import Engine, ReplyEvent
-from serving.loadtest import free_port
 from serving.session import GenerationSettings, ReplySession
+from tasks.benchmarks.loadtest import free_port
 
 from .conftest import speak
 from .live_server import LiveServer
-from .test_session import bundle_dir  # noqa: F401  (fixture: a tiny random bundle)
 
 GREEDY = GenerationSettings(temperature=0.0, top_k=None, max_reply_seconds=0.5, min_reply_seconds=0.1)
 

@@ -1,0 +1,134 @@
+"""Evaluation gates: a candidate's measured figures against the profile's thresholds.
+
+A gate is a list of checks, each a figure, a comparison and a threshold; it passes only when
+every check does. A figure that was not measured fails its check (a gate never passes on a
+missing number). The failing checks, in words, are the reason a candidate was refused: the
+train flow writes it to the MLflow run and the Prefect run, and nothing is registered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from core.config import CodecGate, LatencyGate, QualityGate, S2SGate
+
+
+@dataclass(frozen=True)
+class Check:
+    metric: str
+    value: float | None
+    op: str  # ">=" or "<="
+    threshold: float
+    note: str = ""
+
+    @property
+    def passed(self) -> bool:
+        if self.value is None:
+            return False
+        return self.value >= self.threshold if self.op == ">=" else self.value <= self.threshold
+
+    def describe(self) -> str:
+        if self.value is None:
+            return f"{self.metric} not measured (needs {self.op} {self.threshold:g})"
+        verdict = "meets" if self.passed else "misses"
+        return f"{self.metric} {self.value:.4g} {verdict} {self.op} {self.threshold:.4g}{f' ({self.note})' if self.note else ''}"
+
+
+@dataclass
+class GateResult:
+    name: str
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(check.passed for check in self.checks)
+
+    @property
+    def reason(self) -> str:
+        """The failing checks in words; empty when the gate passed."""
+        return "; ".join(check.describe() for check in self.checks if not check.passed)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One table row per check (Prefect table artifact, sign-off report)."""
+        return [{"gate": self.name, "metric": c.metric, "value": None if c.value is None else round(c.value, 4),
+                 "rule": f"{c.op} {c.threshold:g}", "passed": c.passed, "note": c.note} for c in self.checks]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "passed": self.passed, "reason": self.reason,
+                "checks": [{**asdict(c), "passed": c.passed} for c in self.checks]}
+
+
+class GateFailed(RuntimeError):
+    """A candidate refused by a gate; the message is the gate's reason."""
+
+    def __init__(self, result: GateResult) -> None:
+        super().__init__(f"{result.name} gate failed: {result.reason}")
+        self.result = result
+
+
+def codec_gate(metrics: dict[str, float], baselines: dict[str, dict[str, float]], cfg: CodecGate) -> GateResult:
+    """Test-split codec metrics; with beat_baseline, SNR, mel distance and STOI must also beat
+    8-bit mu-law PCM at the codec's own bitrate (the trivial codec any candidate must outdo)."""
+    gate = GateResult("codec", [
+        Check("snr_db", metrics.get("snr_db"), ">=", cfg.min_snr_db),
+        Check("mel_distance", metrics.get("mel_distance"), "<=", cfg.max_mel_distance),
+        Check("stoi", metrics.get("stoi"), ">=", cfg.min_stoi),
+    ])
+    if cfg.min_si_sdr_db is not None:
+        gate.checks.append(Check("si_sdr_db", metrics.get("si_sdr_db"), ">=", cfg.min_si_sdr_db))
+    if cfg.min_pesq_wb is not None:
+        gate.checks.append(Check("pesq_wb", metrics.get("pesq_wb"), ">=", cfg.min_pesq_wb))
+    mulaw = baselines.get("mulaw_same_bitrate", {})
+    if cfg.beat_baseline:
+        gate.checks.append(Check("snr_db", metrics.get("snr_db"), ">=", mulaw.get("snr_db", float("inf")),
+                                 "mu-law at the same bitrate"))
+        gate.checks.append(Check("mel_distance", metrics.get("mel_distance"), "<=",
+                                 mulaw.get("mel_distance", float("-inf")), "mu-law at the same bitrate"))
+        gate.checks.append(Check("stoi", metrics.get("stoi"), ">=", mulaw.get("stoi", float("inf")),
+                                 "mu-law at the same bitrate"))
+    return gate
+
+
+def s2s_gate(metrics: dict[str, float], codebook_size: int, cfg: S2SGate) -> GateResult:
+    """Validation cross-entropy and perplexity, absolute and relative to guessing uniformly."""
+    perplexity = metrics.get("perplexity")
+    return GateResult("s2s", [
+        Check("cross_entropy", metrics.get("cross_entropy"), "<=", cfg.max_cross_entropy),
+        Check("perplexity", perplexity, "<=", cfg.max_perplexity),
+        Check("perplexity_vs_uniform", None if perplexity is None else perplexity / codebook_size, "<=",
+              cfg.max_uniform_ratio, f"uniform = {codebook_size}"),
+    ])
+
+
+def latency_gate(figures: dict[str, float], cfg: LatencyGate) -> GateResult:
+    """First-audio latency through the serving path: mean, p95 and its spread."""
+    return GateResult("latency", [
+        Check("first_audio_mean_ms", figures.get("first_audio_mean_ms"), "<=", cfg.max_mean_ms),
+        Check("first_audio_p95_ms", figures.get("first_audio_p95_ms"), "<=", cfg.max_p95_ms),
+        Check("first_audio_std_ms", figures.get("first_audio_std_ms"), "<=", cfg.max_std_ms),
+    ])
+
+
+def quality_gate(report: dict[str, Any], cfg: QualityGate) -> GateResult:
+    """What the quality evaluators measured (tasks.evaluation.model_quality): first that the judges work
+    on held-out corpus audio, then the candidate's replies; a threshold left null is reported in
+    the sign-off report but not gated."""
+    sets = report.get("sets", {})
+    corpus, roundtrip, replies = (sets.get(k, {}) for k in ("corpus", "codec_roundtrip", "replies"))
+    planned = [
+        ("corpus.emotion_accuracy", corpus.get("emotion_accuracy"), ">=", cfg.min_emotion_judge_accuracy,
+         "emotion classifier on held-out corpus audio"),
+        ("corpus.speaker_accuracy", corpus.get("speaker_accuracy"), ">=", cfg.min_speaker_judge_accuracy,
+         "speaker classifier on held-out corpus audio"),
+        ("corpus.cer", corpus.get("cer"), "<=", cfg.max_evaluator_cer, "recognizer on held-out corpus audio"),
+        ("codec_roundtrip.cer", roundtrip.get("cer"), "<=", cfg.max_roundtrip_cer, ""),
+        ("replies.dnsmos_p808", replies.get("dnsmos_p808"), ">=", cfg.min_reply_mos, ""),
+        ("replies.dnsmos_p808_vs_corpus", replies.get("dnsmos_p808_vs_corpus"), ">=", cfg.min_reply_mos_ratio,
+         "relative to the corpus's own audio"),
+        ("replies.cer", replies.get("cer"), "<=", cfg.max_reply_cer, "against the corpus's reply text"),
+        ("replies.emotion_control", replies.get("emotion_control"), ">=", cfg.min_emotion_control, ""),
+        ("replies.speaker_control", replies.get("speaker_control"), ">=", cfg.min_speaker_control, ""),
+    ]
+    return GateResult("quality", [Check(metric, value, op, threshold, note)
+                                  for metric, value, op, threshold, note in planned if threshold is not None])
