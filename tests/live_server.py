@@ -13,7 +13,7 @@ import uvicorn
 
 from core.config import load_params
 from serving.bundle import load_bundle
-from tasks.benchmarks.loadtest import free_port
+from tasks.benchmarks.server_launcher import free_port
 
 
 class LiveServer:

@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from core.labels import EMOTIONS, SPEAKERS
-from tasks.benchmarks.loadtest import soak
+from tasks.benchmarks.load_client import soak
 
 from .conftest import speak
 from .live_server import LiveServer

@@ -22,7 +22,7 @@ import websockets
 from serving.bundle import load_bundle
 from serving.engine import Engine, ReplyEvent
 from serving.session import GenerationSettings, ReplySession
-from tasks.benchmarks.loadtest import free_port
+from tasks.benchmarks.server_launcher import free_port
 
 from .conftest import speak
 from .live_server import LiveServer

@@ -4,14 +4,19 @@ A gate is a list of checks, each a figure, a comparison and a threshold; it pass
 every check does. A figure that was not measured fails its check (a gate never passes on a
 missing number). The failing checks, in words, are the reason a candidate was refused: the
 train flow writes it to the MLflow run and the Prefect run, and nothing is registered.
+
+The order of the gates is gate_candidate's, the one sequence the train flow and `s2s gates` (the
+dvc.yaml stage) both run; they differ only in how each step is carried out (Prefect tasks or plain
+calls), which they pass in.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
-from core.config import CodecGate, LatencyGate, QualityGate, S2SGate
+from core.config import CodecGate, LatencyGate, Params, QualityGate, S2SGate
 
 
 @dataclass(frozen=True)
@@ -132,3 +137,51 @@ def quality_gate(report: dict[str, Any], cfg: QualityGate) -> GateResult:
     ]
     return GateResult("quality", [Check(metric, value, op, threshold, note)
                                   for metric, value, op, threshold, note in planned if threshold is not None])
+
+
+@dataclass
+class GateRun:
+    """What gate_candidate did: the gates in the order they ran, and what the steps produced."""
+
+    gates: list[GateResult] = field(default_factory=list)
+    s2s: Any = None                        # the S2S training result, once the codec gate passed
+    bundle: Path | None = None             # the candidate bundle, once the S2S gate passed
+    quality: dict[str, Any] | None = None  # the quality report, when the sequence evaluates it
+    latency: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        """Every gate passed and the sequence reached the last one (latency)."""
+        return bool(self.gates) and self.gates[-1].name == "latency" and all(g.passed for g in self.gates)
+
+
+def gate_candidate(params: Params, codec: Any, *, train_s2s: Callable[[], Any],
+                   export: Callable[[Any, Any], Path], measure_latency: Callable[[Path], dict[str, float]],
+                   evaluate_quality: Callable[[Path], dict[str, Any]] | None = None,
+                   record: Callable[[GateResult], GateResult] | None = None) -> GateRun:
+    """The gate sequence of a candidate: codec gate -> S2S (trained, or loaded) -> S2S gate ->
+    bundle -> quality gate (when `evaluate_quality` is given) -> latency gate.
+
+    It stops at the first gate that fails, so no S2S model is trained on a refused codec and no
+    latency is measured on a refused model. `record` sees each gate as it is decided (the flow
+    logs it and raises GateFailed there); the other steps are what the caller runs them with.
+    """
+    run = GateRun()
+
+    def decided(result: GateResult) -> bool:
+        run.gates.append(record(result) if record else result)
+        return result.passed
+
+    if not decided(codec_gate(codec.metrics, codec.baselines, params.gates.codec)):
+        return run
+    run.s2s = train_s2s()
+    if not decided(s2s_gate(run.s2s.metrics, params.codec.codebook_size, params.gates.s2s)):
+        return run
+    run.bundle = export(codec, run.s2s)
+    if evaluate_quality is not None:
+        run.quality = evaluate_quality(run.bundle)
+        if not decided(quality_gate(run.quality, params.gates.quality)):
+            return run
+    run.latency = measure_latency(run.bundle)
+    decided(latency_gate(run.latency, params.gates.latency))
+    return run
