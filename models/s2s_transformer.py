@@ -27,6 +27,9 @@ EOS); everything else is PAD in the targets and skipped by cross-entropy's ignor
 Streaming (after moshi): generation keeps its state in an explicit KVCache (per-layer keys and
 values plus the number of positions written), feeds one step at a time, and yields every frame as
 soon as its last codebook is sampled. Positions are rotary, so a cached step only needs its index.
+
+Over 400 lines: the model, its KV cache, the delay pattern and generation belong together
+(generation steps the same layers with the same cache the training forward uses).
 """
 
 from __future__ import annotations

@@ -56,7 +56,8 @@ def publish_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] =
     from core.tracking import tracking_uri
     from serving.bundle import BundleError
     from serving.bundle import download_bundle
-    from tasks.release.publish import PublishError, publish_bundle
+    from tasks.release.publish import publish_bundle
+    from tasks.release.staging import PublishError
 
     params = _params(profile, set_)
     name = params.registry.model_name

@@ -1,4 +1,4 @@
-"""The load generator (tasks/benchmarks/load_client.py, load_report.py, loadtest.py) against the app in this process: concurrent clients
+"""The load test (tasks/benchmarks/: client, report, suite) against the app in this process: concurrent clients
 complete their turns with latencies measured on the client, refused and timed-out sessions count as
 dropped, the soak samples memory, docs/benchmarks.md is written from the figures, and `s2s
 loadtest` runs end to end with servers it starts itself."""

@@ -18,6 +18,9 @@ The evaluators (tasks.evaluation.train_asr, tasks.evaluation.train_classifier) a
 reused (their stamps hold the corpus hash); MOS comes from DNSMOS and DistillMOS, whose weights
 ship in their PyPI packages (tasks.evaluation.mos). Results go to quality.json (atomic) under
 evaluation.out_dir/<bundle sha> and to an MLflow run `quality` beside the candidate's runs.
+
+About 400 lines: the three audio sets, the evaluators and the report are one evaluation;
+its figures and their table are read together.
 """
 
 from __future__ import annotations

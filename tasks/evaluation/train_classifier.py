@@ -11,8 +11,8 @@ matrix.
 Why the augmentations (params: evaluation.classifier.<label>). In the corpus an emotion comes
 from one or two episodes, each spoken by one pair of speakers with its own noise floor and media
 codec, so a plain emotion classifier learns "this episode" (speaker pair, noise) instead of "this
-emotion", and fails on the same emotion spoken by other voices (measured on the smoke corpus: 0%
-on val, where a val emotion's speakers differ from its train episode's). A crop may therefore get
+emotion", and fails on the same emotion spoken by other voices (docs/history.md has
+the figure). A crop may therefore get
 - added white-to-pink noise at a random SNR (`noise_snr_db`), which hides each episode's floor,
 - a random shift along the mel axis (`mel_shift`, bins), a voice slightly higher or lower,
 and the pooled embedding may feed, through gradient reversal, an adversary that tries to tell the
