@@ -1,4 +1,4 @@
-"""The serving session (used by the latency gate, the pyfunc model and the server): streaming
+"""The one-conversation serving session (the pyfunc model and the quality evaluation run it): streaming
 encode while the user speaks, a reply streamed frame by frame, and clear refusals."""
 
 from __future__ import annotations

@@ -166,7 +166,7 @@ def test_dvc_repro_rebuilds_and_gates_the_model_without_prefect(tiny_corpus: Pat
         assert stage["cmd"].startswith("s2s "), "stages call the task CLIs"
         stage["cmd"] = " ".join([stage["cmd"], *cli_sets(TINY), *(lenient if name in ("gates", "quality") else [])])
     (project_root / "dvc.yaml").write_text(yaml.safe_dump(stages))
-    for folder in ("models", "tasks", "serving"):
+    for folder in ("core", "models", "tasks", "serving"):
         (project_root / folder).symlink_to(REPO / folder)
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
