@@ -15,8 +15,7 @@ import typer
 from rich.table import Table
 
 from core.config import ConfigError, load_params, parse_overrides
-from s2s.common import (ProfileOpt, SetOpt, _fail, _params, app,
-                        bench_app, console)
+from s2s.common import ProfileOpt, SetOpt, _fail, _params, app, bench_app, console
 
 
 @bench_app.command("segment")

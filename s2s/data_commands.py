@@ -9,8 +9,7 @@ import typer
 from rich.table import Table
 
 from core.config import ConfigError, load_params, parse_overrides
-from s2s.common import (ProfileOpt, SetOpt, _fail, _prefect_env,
-                        console, corpus_app, flow_app)
+from s2s.common import ProfileOpt, SetOpt, _fail, _prefect_env, console, corpus_app, flow_app
 
 
 @corpus_app.command("synth")

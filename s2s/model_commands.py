@@ -10,9 +10,9 @@ import typer
 from rich.table import Table
 
 from core.config import ConfigError, load_params, parse_overrides
-from s2s.data_commands import print_summary
 from s2s.common import (ForceOpt, ProfileOpt, SetOpt, ThresholdOpt, _fail, _params, _prefect_env, _thresholds, app,
                         console, flow_app, train_app)
+from s2s.data_commands import print_summary
 
 
 def _run_gated(run) -> dict:

@@ -6,8 +6,7 @@ from typing import Optional
 
 import typer
 
-from s2s.common import (ProfileOpt, SetOpt, _fail, _params, _prefect_env, app,
-                        console, signoff_app)
+from s2s.common import ProfileOpt, SetOpt, _fail, _params, _prefect_env, app, console, signoff_app
 
 
 @signoff_app.command("report")

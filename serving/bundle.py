@@ -117,8 +117,6 @@ def load_bundle(source: str | Path, device: torch.device | str = "cpu", tracking
     `models:/<name>/<version>`): the registered model's `bundle` artifact folder."""
     text = str(source)
     if text.startswith("models:/") or text.startswith("runs:/"):
-        from serving.bundle import download_bundle
-
         return load_bundle_dir(download_bundle(text, tracking_uri), device)
     path = Path(text).expanduser()
     if not path.exists():
