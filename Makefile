@@ -1,4 +1,5 @@
-# The two commands a newcomer needs: `make pipeline` and `make test` (each sets up first if needed).
+# The two commands a newcomer needs: `make pipeline` and `make test` (each sets up first if needed;
+# `make test` first checks the layer rules with import-linter, pyproject.toml [tool.importlinter]).
 SHELL := /bin/bash
 VENV := .venv
 STAMP := $(VENV)/.setup-stamp
@@ -19,6 +20,7 @@ ui: setup
 	bash scripts/ui.sh
 
 test: setup
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/python -m pytest
 
 clean-artifacts:

@@ -21,9 +21,10 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from s2s.config import Params, load_params
-from tasks import corpus, download, normalize, pairs, quality, segment, splits, synth_corpus, transcripts, version
-from tasks.sources import Source, load_sources
+from core.config import Params, load_params
+from tasks.data import (corpus, download, normalize, pairs, segment_checks, segment, splits, synth_corpus,
+                        transcripts, version)
+from tasks.data.sources import Source, load_sources
 
 
 @task(name="synthesize-embedded-corpus", cache_policy=NO_CACHE)
@@ -47,7 +48,7 @@ def normalize_task(recordings: list[download.Recording], params: Params):
 def segment_task(recordings: list[normalize.NormalizedRecording], sources: list[Source], params: Params):
     diarizer = None
     if params.segment.backend == "pyannote":
-        from tasks.diarize_pyannote import load_diarizer
+        from tasks.data.diarize_pyannote import load_diarizer
 
         diarizer = load_diarizer(params.segment.pyannote_pipeline)
     return segment.segment_all(recordings, {s.id: s for s in sources}, params.segment,
@@ -55,12 +56,12 @@ def segment_task(recordings: list[normalize.NormalizedRecording], sources: list[
 
 
 @task(name="quality-checks", cache_policy=NO_CACHE)
-def quality_task(manifest: pd.DataFrame, params: Params) -> quality.QualityResult:
-    return quality.check_quality(manifest, params.quality, params.segment)
+def quality_task(manifest: pd.DataFrame, params: Params) -> segment_checks.QualityResult:
+    return segment_checks.check_quality(manifest, params.quality, params.segment)
 
 
 @task(name="build-corpus", cache_policy=NO_CACHE)
-def build_task(params: Params, result: quality.QualityResult, failures: dict, normalized: list,
+def build_task(params: Params, result: segment_checks.QualityResult, failures: dict, normalized: list,
                fingerprint: str) -> corpus.CorpusSummary:
     kept = result.kept.copy()
     split_map = splits.split_sources(sorted(set(kept["source_id"]) | set(result.quarantined["source_id"])),

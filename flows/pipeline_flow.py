@@ -15,14 +15,14 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from tasks.evaluate_quality import quality_markdown
+from tasks.evaluation.model_quality import quality_markdown
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+from core.config import Params, load_params
 from flows.data_flow import data_flow
 from flows.train_flow import train_flow, with_thresholds
-from s2s.config import Params, load_params
-from tasks import flow_runs, signoff
+from tasks.release import flow_runs, signoff
 
 
 @task(name="log-data-run", cache_policy=NO_CACHE)
@@ -40,7 +40,7 @@ def signoff_task(params: Params, version: str) -> str:
 @task(name="publish", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
 def publish_task(params: Params, bundle_dir: Path, run_id: str) -> dict[str, Any]:
     """Upload to the Hub with a token, else write the bundle locally and say so."""
-    from tasks.publish import publish_bundle
+    from tasks.release.publish import publish_bundle
 
     report = asdict(publish_bundle(bundle_dir, params.publish, params.path(params.publish.out_dir)))
     flow_runs.set_tags(params, run_id, {"publish.mode": report.get("mode", "?")})

@@ -1,10 +1,13 @@
 """The train flow: codec -> codec gate -> S2S (tokenizing first) -> S2S gate -> bundle ->
 quality evaluation -> quality gate -> latency gate -> register.
 
+The gate sequence is tasks/evaluation/gates.py's gate_candidate (the one `s2s gates` runs too);
+the flow runs its steps as Prefect tasks and records each gate in MLflow and Prefect.
+
 A gate that fails ends the flow there: the MLflow train run is tagged with the gate and its
 reason and ends FAILED, the Prefect run fails with the same message, and nothing is registered.
 Re-running with unchanged corpus, settings and code skips both trainings (their stamps match,
-see tasks.training.cached_result) and re-registering the same weights returns the existing
+see tasks/training/stage_cache.py) and re-registering the same weights returns the existing
 version, so a re-run costs the gates' evaluation only.
 """
 
@@ -21,14 +24,16 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run, task_run
 
-from s2s.config import Params, load_params
+from core import atomic
+from core.config import Params, load_params
 from serving.bundle import bundle_sha, load_bundle_dir, read_meta
-from tasks import atomic, candidate, flow_runs, gates
-from tasks.evaluate_quality import evaluate_quality, flat_metrics, quality_markdown
-from tasks.latency import measure_latency
-from tasks.registry import RegisteredVersion, register_bundle
-from tasks.train_codec import CodecTrainResult, train_codec
-from tasks.train_s2s import S2STrainResult, train_s2s
+from tasks.evaluation import gates
+from tasks.evaluation.latency import measure_latency
+from tasks.evaluation.model_quality import evaluate_quality, flat_metrics, quality_markdown
+from tasks.release import candidate, flow_runs
+from tasks.release.registry import RegisteredVersion, register_bundle
+from tasks.training.train_codec import CodecTrainResult, train_codec
+from tasks.training.train_s2s import S2STrainResult, train_s2s
 
 
 def with_thresholds(overrides: dict[str, Any] | None, thresholds: dict[str, Any] | None) -> dict[str, Any]:
@@ -121,25 +126,24 @@ def train_flow(profile: str = "smoke", overrides: dict[str, Any] | None = None,
     run_id = flow_runs.open_run(params, "train", parent_run_id)
     try:
         codec = train_codec_task(params, run_id)
-        codec_gate = gate_task(params, run_id, gates.codec_gate(codec.metrics, codec.baselines, params.gates.codec))
-        s2s = train_s2s_task(params, run_id)
-        s2s_gate = gate_task(params, run_id, gates.s2s_gate(s2s.metrics, params.codec.codebook_size, params.gates.s2s))
         tags = flow_runs.flow_run_tags(params, "candidate")
-        tags |= {"codec_run_id": str(codec.run_id), "s2s_run_id": str(s2s.run_id), "train_run_id": run_id}
+
+        def export(codec: CodecTrainResult, s2s: S2STrainResult) -> Path:
+            tags.update({"codec_run_id": str(codec.run_id), "s2s_run_id": str(s2s.run_id), "train_run_id": run_id})
+            return bundle_task(params, codec, s2s, {"model_name": params.registry.model_name, **tags,
+                                                    "bitrate_bps": codec.bitrate_bps})
+
+        gated = gates.gate_candidate(params, codec, train_s2s=lambda: train_s2s_task(params, run_id), export=export,
+                                     evaluate_quality=lambda bundle: quality_task(params, bundle, run_id),
+                                     measure_latency=lambda bundle: latency_task(params, bundle),
+                                     record=lambda result: gate_task(params, run_id, result))
+        s2s, bundle, quality, passed = gated.s2s, gated.bundle, gated.quality, gated.gates
         metrics = {"codec": codec.metrics, "codec_baselines": codec.baselines,
                    "s2s": {k: v for k, v in s2s.metrics.items() if k != "tokens"},
-                   "cost": candidate.training_costs(params, codec, s2s)}
-        bundle = bundle_task(params, codec, s2s, {"model_name": params.registry.model_name, **tags,
-                                                  "bitrate_bps": codec.bitrate_bps})
-        quality = quality_task(params, bundle, run_id)
-        metrics["quality"] = flat_metrics(quality)
-        quality_gate = gate_task(params, run_id, gates.quality_gate(quality, params.gates.quality))
+                   "cost": candidate.training_costs(params, codec, s2s), "quality": flat_metrics(quality),
+                   "latency": gated.latency}
         tags |= {"quality_run_id": str(quality.get("run_id")),
                  **{f"evaluator.{k}_run_id": str(v) for k, v in quality["evaluators"]["runs"].items()}}
-        latency = latency_task(params, bundle)
-        metrics["latency"] = latency
-        latency_gate = gate_task(params, run_id, gates.latency_gate(latency, params.gates.latency))
-        passed = (codec_gate, s2s_gate, quality_gate, latency_gate)
         evaluation = {"metrics": metrics, "gates": {g.name: g.to_dict() for g in passed},
                       "profile": params.profile, "corpus": flow_runs.corpus_facts(params),
                       "quality": {k: quality[k] for k in ("sets", "confusion", "labels", "working_share",

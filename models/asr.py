@@ -4,7 +4,7 @@
     -> two stride-2 convs (40 ms per output frame) -> depthwise-conv blocks -> linear
     -> log-probs over code points, decoded greedily (best path)
 
-It is trained per corpus version (tasks/train_asr.py) on the corpus's own transcripts, so its CER
+It is trained per corpus version (tasks/evaluation/train_asr.py) on the corpus's own transcripts, so its CER
 on generated replies says how much of the Telugu a listener trained on that corpus would recover.
 Why code points as units: Telugu syllables (aksharas) are consonant + virama + consonant + vowel
 sign clusters; code points need no segmentation rules, a vocabulary of ~60 covers the corpus, and
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import torchaudio.functional as AF
 from torch import Tensor, nn
 
+from core.checkpoints import save_checkpoint
 from models.features import HOP, LogMel
 
 FORMAT = "telugu-ctc-recognizer/1"  # marks a file as save_recognizer's, so a wrong file fails clearly
@@ -199,8 +200,6 @@ def cer(hyps: Sequence[str], refs: Sequence[str]) -> float:
 
 def save_recognizer(path: Path, model: CtcRecognizer, vocab: GraphemeVocab, config: dict[str, Any]) -> Path:
     """Atomically write weights, vocabulary, architecture and the training `config` (a record)."""
-    from tasks.training import save_checkpoint
-
     if len(vocab) != model.head.out_features:
         raise ValueError(f"a vocabulary of {len(vocab)} outputs for a model of {model.head.out_features}")
 
@@ -212,7 +211,7 @@ def load_recognizer(path: Path, device: str | torch.device = "cpu") -> CtcRecogn
     """The recognizer save_recognizer wrote, in eval mode with its vocabulary attached."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no recognizer checkpoint at {path}: train it with tasks.train_asr")
+        raise FileNotFoundError(f"no recognizer checkpoint at {path}: train it with tasks.evaluation.train_asr")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:

@@ -23,16 +23,7 @@ no past). With a fixed `batch` (1 for one live stream) every shape in the graph 
 Runtime folds the shape arithmetic away (344 exported nodes become 112 kernels); `batch=None`
 exports a dynamic batch for decoding many sessions in one call, at some per-call cost.
 
-Measured on the smoke codec, one thread of a 2-core AMD EPYC, medians over 250-frame runs in one
-process: `step_bound` 0.32-0.33 ms a frame (60-62x real time), `step` 0.36 ms (55x); the export
-before these changes (Elu kernels, the transposed conv's col2im for a single frame, no-op slices
-and empty state buffers in the graph), run through `step`, took 0.44 ms (45x), and PyTorch's
-`decode_step` takes about 1.5 ms. Tried and left out: converting the convolutions to 2-D so ONNX
-Runtime's NCHWc transformer takes them (it does, but wraps each in layout reorders: 1% slower);
-one stacked codebook lookup instead of four (under 1%); single-output convs as a product with
-the flattened window (1%); the transposed convs of more than one frame as a matrix product plus
-overlap-add (the transposes cost more: 25% slower); session options (graph optimisation level,
-denormals as zero, spinning, memory pattern and arena): no gain.
+Timings and the variants tried and left out: docs/history.md (models/codec_onnx.py).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Why one module: the evaluators judge generated audio the same way they judge corpus audio, so
 they must see it through exactly the same front end, and a change here must change their cache
-keys (tasks.stamps.code_hash of this module).
+keys (core.hashing.code_hash of this module).
 """
 
 from __future__ import annotations

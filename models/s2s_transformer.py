@@ -30,6 +30,9 @@ EOS); everything else is PAD in the targets and skipped by cross-entropy's ignor
 Streaming (after moshi): generation keeps its state in an explicit KVCache (per-layer keys and
 values plus the number of positions written), feeds one step at a time, and yields every frame as
 soon as its last codebook is sampled. Positions are rotary, so a cached step only needs its index.
+
+Over 400 lines: the model, its KV cache, the delay pattern and generation belong together
+(generation steps the same layers with the same cache the training forward uses).
 """
 
 from __future__ import annotations
@@ -62,8 +65,8 @@ class S2SConfig:
     dropout: float = 0.0            # on embeddings and residual branches
     attention_dropout: float = 0.0  # on attention weights: on the CPU it sends SDPA down its slow
                                     # math path (1.8x a smoke training step), so only where it pays
-    n_speakers: int = 4  # s2s.labels.SPEAKERS
-    n_emotions: int = 9  # s2s.labels.EMOTIONS
+    n_speakers: int = 4  # core.labels.SPEAKERS
+    n_emotions: int = 9  # core.labels.EMOTIONS
     conditioning: str = "slot"  # "slot": speaker + emotion at position 0 only (models before 2026-11-30);
                                 # "every_step": added to every position, with a null id for guidance
 

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from core.checkpoints import load_checkpoint, save_checkpoint
 from models.features import HOP, SAMPLE_RATE, LogMel
-from tasks import atomic
 
 FORMAT = "telugu-s2s/utterance-classifier"
 FORMAT_VERSION = 1
@@ -152,12 +152,10 @@ def _as_audio(clip: np.ndarray) -> np.ndarray:
 def save_classifier(path: Path, model: UtteranceClassifier, config: dict[str, Any] | None = None) -> Path:
     """Atomically write the model (weights, labels, architecture) and `config` (the training
     settings, for the record) to `path`."""
-    payload = {"format": FORMAT, "version": FORMAT_VERSION, "model": model.config_dict(),
-               "state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-               "config": dict(config or {})}
-    with atomic.atomic_path(Path(path), suffix=".pt") as tmp:
-        torch.save(payload, tmp)
-    return Path(path)
+    return save_checkpoint(Path(path), with_rng=False, format=FORMAT, version=FORMAT_VERSION,
+                           model=model.config_dict(),
+                           state={k: v.detach().cpu() for k, v in model.state_dict().items()},
+                           config=dict(config or {}))
 
 
 def load_classifier(path: Path, device: str | torch.device = "cpu") -> UtteranceClassifier:
@@ -165,9 +163,9 @@ def load_classifier(path: Path, device: str | torch.device = "cpu") -> Utterance
     for a file that is not one, FileNotFoundError when there is no file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no utterance classifier at {path}: train one with tasks.train_classifier")
+        raise FileNotFoundError(f"no utterance classifier at {path}: train one with tasks.evaluation.train_classifier")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = load_checkpoint(path, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError) as exc:
         raise ClassifierFileError(f"{path} is not an utterance classifier checkpoint (unreadable: "
                                   f"{type(exc).__name__})") from exc

@@ -1,5 +1,5 @@
-"""Telugu S2S pipeline: shared configuration, labels and the `s2s` command line.
+"""The `s2s` command line, and only that: the top layer, which nothing imports.
 
-The work lives in tasks/, its orchestration in flows/, the tensors in models/ and the server in
-serving/; this package only holds what all of them share.
+Configuration and labels live in core/, the work in tasks/, its orchestration in flows/, the
+tensors in models/ and the server in serving/.
 """

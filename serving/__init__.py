@@ -1,2 +1,4 @@
-"""The FastAPI WebSocket app that serves the registered model: sessions, protocol, batching and
-the demo page. Filled by the serving issue; nothing here yet, by design of the layout."""
+"""Serving the model: the bundle format and where a bundle is read from (a folder or the MLflow
+registry), the one-conversation session, the batched engine the server runs, the FastAPI
+WebSocket app, the energy VAD and the demo page. It stands on models/ and core/ only, so the
+registered pyfunc ships without tasks/."""

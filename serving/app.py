@@ -29,8 +29,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from s2s.config import ServingConfig
-from s2s.labels import EMOTIONS, SPEAKERS
+from core.config import ServingConfig
+from core.labels import EMOTIONS, SPEAKERS
 from serving.bundle import ModelBundle, bundle_meta_summary
 from serving.engine import Engine, ReplyEvent
 from serving.session import GenerationSettings, SessionError, check_voice

@@ -16,16 +16,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from core import atomic
+from core.config import find_root
+from core.hashing import file_sha256
+from core.tracking import tracking_uri as default_tracking_uri
 from models.codecs import Codec, codec_from_config
 from models.s2s_transformer import S2SConfig, S2STransformer
-from tasks import atomic
-from tasks.stamps import file_sha256
 
 CODEC_FILE = "codec.pt"
 S2S_FILE = "s2s.pt"
@@ -114,13 +117,30 @@ def load_bundle(source: str | Path, device: torch.device | str = "cpu", tracking
     `models:/<name>/<version>`): the registered model's `bundle` artifact folder."""
     text = str(source)
     if text.startswith("models:/") or text.startswith("runs:/"):
-        from tasks.registry import download_bundle
-
         return load_bundle_dir(download_bundle(text, tracking_uri), device)
     path = Path(text).expanduser()
     if not path.exists():
         raise BundleError(f"no model bundle at {path}")
     return load_bundle_dir(path, device)
+
+
+def download_bundle(uri: str, tracking: str | None = None) -> Path:
+    """The `bundle` folder of a registered model (models:/name@alias, models:/name/N) or a run's
+    model, downloaded from the MLflow store (`tracking`, else the project's default store)."""
+    import mlflow  # heavy: only when a bundle comes from the registry
+
+    uri_store = tracking or default_tracking_uri(find_root(), None)
+    mlflow.set_tracking_uri(uri_store)
+    mlflow.set_registry_uri(uri_store)
+    target = Path(tempfile.mkdtemp(prefix="s2s-bundle-"))
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target)))
+    except Exception as exc:  # MlflowException: no such model, alias or version
+        raise BundleError(f"cannot load {uri} from the MLflow store at {uri_store}: {exc}") from exc
+    found = sorted(local.rglob("bundle.json"))
+    if not found:
+        raise BundleError(f"{uri} holds no model bundle (no bundle.json among its artifacts)")
+    return found[0].parent
 
 
 def bundle_meta_summary(meta: dict[str, Any]) -> dict[str, Any]:
@@ -129,4 +149,4 @@ def bundle_meta_summary(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 __all__ = ["BundleError", "ModelBundle", "export_bundle", "load_bundle", "load_bundle_dir", "read_meta",
-           "bundle_sha", "file_sha256"]
+           "bundle_sha", "download_bundle"]

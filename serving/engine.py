@@ -20,6 +20,9 @@ turn rules (serving.turns) are the ones ReplySession runs, so a batched reply eq
 Per-conversation state is explicit (its encoder and decoder state rows, the delay-pattern
 bookkeeping of its KV row), in the manner of kyutai's streaming modules; the codec's states of
 all sessions live in row buffers (RowStates) that a step gathers from and writes back to.
+
+Over 400 lines: the engine is one scheduler (admission, encode, batched steps, decode, delivery)
+whose stages share its slot and cache state; split, each part would reach into the others.
 """
 
 from __future__ import annotations

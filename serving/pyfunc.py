@@ -2,8 +2,10 @@
 
 The weights travel as the `bundle` artifact (serving/bundle.py) rather than as a torch.export
 program: the model is stateful and streams (encoder state, KV cache, decoder state), which an
-exported graph does not carry. `predict` answers whole turns through the same ReplySession the
-server uses; streaming callers load the bundle with serving.bundle.load_bundle instead.
+exported graph does not carry. `predict` answers whole turns through ReplySession, the
+one-conversation path (the server runs the batched Engine, held to the same replies by
+tests/test_serving.py); streaming callers load the bundle with serving.bundle.load_bundle instead.
+Only core/, models/ and serving/ ship with it (its code_paths): it needs nothing of tasks/.
 """
 
 from __future__ import annotations

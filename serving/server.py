@@ -12,15 +12,14 @@ from typing import Any
 
 import uvicorn
 
-from s2s.config import Params
+from core.config import Params
+from core.tracking import tracking_uri
 from serving.app import create_app
 from serving.bundle import ModelBundle, load_bundle
 
 
 def load_model(params: Params, model: str | None = None) -> tuple[ModelBundle, str]:
     """The bundle to serve and where it came from; BundleError (with the reason) when there is none."""
-    from tasks.training import tracking_uri
-
     uri = model or params.serving.model
     return load_bundle(uri, tracking_uri=tracking_uri(params.root, params.mlflow.tracking_uri)), uri
 

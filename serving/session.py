@@ -1,7 +1,9 @@
 """One conversation with the model: the user's speech in as it arrives, the spoken reply out frame
 by frame. The state is explicit (encoder state, the user's codes so far, the voice), in the manner
-of kyutai's streaming modules, so that the WebSocket app, the latency gate and the pyfunc model
-all run exactly this code.
+of kyutai's streaming modules. The pyfunc model (serving/pyfunc.py) and the model-quality
+evaluation run it one conversation at a time; the server and the latency gate run the batched
+Engine (serving/engine.py) instead, which shares this module's settings, voice checks and reply
+budget, and which tests/test_serving.py holds to the same replies as this one-by-one path.
 
 Timeline of a turn:
     feed(chunk) ...        the codec encodes the user's audio while it arrives (encode_step), so

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from s2s.labels import EMOTIONS, SPEAKERS
+from core.labels import EMOTIONS, SPEAKERS
 
 
 class SessionError(ValueError):

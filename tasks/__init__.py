@@ -1,5 +1,6 @@
-"""The work of the pipeline: plain functions, each wrapped as a Prefect task by flows/ and each
-reachable from the `s2s` command line."""
+"""The work of the pipeline, by phase (data/, training/, evaluation/, release/, benchmarks/):
+plain functions, each wrapped as a Prefect task by flows/ and each reachable from the `s2s`
+command line."""
 
 import os
 

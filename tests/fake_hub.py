@@ -1,4 +1,4 @@
-"""A loopback stand-in for the Hugging Face Hub, enough for `tasks.publish` and huggingface_hub 2.4.0.
+"""A loopback stand-in for the Hugging Face Hub, enough for `tasks.release.publish` and huggingface_hub 2.4.0.
 
 What huggingface_hub calls, and what this answers (read from the installed client's source):
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import uvicorn
 
-from s2s.config import load_params
+from core.config import load_params
 from serving.bundle import load_bundle
-from serving.loadtest import free_port
+from tasks.benchmarks.server_launcher import free_port
 
 
 class LiveServer:

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
+from core import atomic
 from models.asr import CtcRecognizer, GraphemeVocab, cer, load_recognizer, pad_batch, save_recognizer
-from tasks import atomic
 
 from .conftest import speak
 
@@ -87,7 +87,7 @@ def test_save_load_round_trip_and_foreign_files(trained, tmp_path: Path):
 
 
 def test_batch_plan_takes_every_utterance_once_grouped_by_length():
-    from tasks.train_asr import batch_plan
+    from tasks.evaluation.train_asr import batch_plan
 
     lengths = [16000 * (1 + i % 7) + i for i in range(50)]
     plan = batch_plan(lengths, 8, torch.Generator().manual_seed(1))
@@ -97,8 +97,8 @@ def test_batch_plan_takes_every_utterance_once_grouped_by_length():
 
 
 def test_train_asr_scores_unseen_sentences_and_reuses_a_finished_run(project_root: Path, one_thread):
-    from s2s.config import load_params
-    from tasks.train_asr import train_asr
+    from core.config import load_params
+    from tasks.evaluation.train_asr import train_asr
 
     data = project_root / "data"
     layout = [("train", text, speaker) for text in SENTENCES for speaker in ("male_young", "female_young")]

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from s2s.config import load_params
+from core.config import load_params
 
-from .test_training import TINY
+from .conftest import TINY
 
 
 def test_bench_codec_and_s2s_report_figures(project_root):
-    from tasks.bench_models import bench_codec, bench_s2s
+    from tasks.benchmarks.bench_models import bench_codec, bench_s2s
 
     params = load_params("smoke", TINY)
     codec = bench_codec(params, seconds=1.0, frames=10, repeats=1)

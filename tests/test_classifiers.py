@@ -1,4 +1,4 @@
-"""Utterance classifiers (models/utterance_classifier.py, tasks/train_classifier.py).
+"""Utterance classifiers (models/utterance_classifier.py, tasks/evaluation/train_classifier.py).
 
 A tiny corpus of espeak-ng clips, two speakers crossed with two emotions so that neither label
 gives the other away, is written as the data flow writes one (manifest + 16 kHz WAVs); both
@@ -17,11 +17,11 @@ import pandas as pd
 import pytest
 import torch
 
+from core import atomic
+from core.config import load_params
+from core.labels import EMOTIONS, SPEAKERS
 from models.utterance_classifier import ClassifierFileError, UtteranceClassifier, load_classifier, save_classifier
-from s2s.config import load_params
-from s2s.labels import EMOTIONS, SPEAKERS
-from tasks import atomic
-from tasks.train_classifier import train_classifier
+from tasks.evaluation.train_classifier import train_classifier
 from tests.conftest import REPO, speak
 
 GRID_SPEAKERS = ("male_young", "female_professional")

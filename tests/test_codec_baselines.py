@@ -9,9 +9,9 @@ import torch
 import torchaudio.functional as AF
 
 from models.metrics import stoi
-from tasks.codec_baselines import REFERENCE_CODECS, BaselineError, ReferenceCodec, align, nominal_lag, round_trip
-from tasks.synth_corpus import load_exchanges
-from tasks.unseen_voices import UNSEEN_SENTENCES, UNSEEN_VOICES, unseen_set
+from tasks.evaluation.codec_baselines import REFERENCE_CODECS, BaselineError, ReferenceCodec, align, nominal_lag, round_trip
+from tasks.data.synth_corpus import load_exchanges
+from tasks.evaluation.unseen_voices import UNSEEN_SENTENCES, UNSEEN_VOICES, unseen_set
 
 from .conftest import speak
 

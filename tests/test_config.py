@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from s2s.config import ConfigError, load_params, parse_overrides
+from core.config import ConfigError, load_params, parse_overrides
 
 REPO = Path(__file__).resolve().parent.parent
 

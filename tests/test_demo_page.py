@@ -24,12 +24,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from s2s.config import load_params
+from core.config import load_params
 from serving.app import create_app
 from serving.bundle import load_bundle
 
-from .conftest import REPO, speak
-from .test_session import bundle_dir  # noqa: F401  (fixture: a tiny random bundle that babbles, fast)
+from .conftest import REPO, require_tool, speak
 
 CHROMIUM = Path(os.environ.get("S2S_CHROMIUM", "/usr/bin/chromium"))
 CAPTURE_RATE = 48000  # the fake microphone file's rate (Chromium resamples it to its device rate)
@@ -69,8 +68,7 @@ def server(bundle_dir: Path, monkeypatch: pytest.MonkeyPatch):
 @pytest.fixture()
 def fake_microphone(tmp_path: Path) -> Path:
     """16-bit mono WAV: 0.4 s of silence, a Telugu sentence, 1.5 s of silence (the VAD's cue)."""
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed: no test speech")
+    require_tool("espeak-ng", shutil.which("espeak-ng") is not None, "no test speech")
     speech = speak("నమస్కారం, ఈ రోజు వాతావరణం ఎలా ఉంది?", "female_young", sample_rate=CAPTURE_RATE)
     speech = 0.7 * speech / max(float(np.abs(speech).max()), 1e-6)
     audio = np.concatenate([np.zeros(int(0.4 * CAPTURE_RATE)), speech, np.zeros(int(1.5 * CAPTURE_RATE))])
@@ -89,9 +87,12 @@ def get_json(url: str) -> dict:
 
 
 def test_demo_page_streams_a_spoken_reply(server: str, fake_microphone: Path, tmp_path: Path):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    if not CHROMIUM.is_file():
-        pytest.skip(f"no Chromium at {CHROMIUM} (set S2S_CHROMIUM; `playwright install` needs the internet)")
+    try:
+        from playwright import sync_api
+    except ImportError:
+        sync_api = None
+    require_tool("playwright", sync_api is not None, "the dev extras install it")
+    require_tool("Chromium", CHROMIUM.is_file(), f"no browser at {CHROMIUM} (Debian's chromium; or set S2S_CHROMIUM)")
     assert get_json(f"{server}/config")["sample_rate"] == 16000
 
     with sync_api.sync_playwright() as playwright:

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from s2s.config import load_params
-from tasks import atomic
-from tasks.download import download_sources
-from tasks.sources import Source, SourcesError, load_sources
+from core import atomic
+from core.config import load_params
+from tasks.data.download import download_sources
+from tasks.data.sources import Source, SourcesError, load_sources
 
 from .conftest import REPO
 

@@ -4,8 +4,8 @@ in beat_codecs (Codec2 1.6 kbps on smoke) on STOI and PESQ-wb, besides the absol
 
 from __future__ import annotations
 
-from s2s.config import load_params
-from tasks.gates import codec_gate
+from core.config import load_params
+from tasks.evaluation.gates import codec_gate
 
 MULAW = {"snr_db": 0.03, "si_sdr_db": -21.4, "mel_distance": 4.2, "stoi": 0.31, "pesq_wb": 1.02}
 CODEC2 = {"snr_db": -2.0, "si_sdr_db": -20.0, "mel_distance": 1.0, "stoi": 0.80, "pesq_wb": 1.66}
@@ -49,7 +49,7 @@ def test_codec_gate_fails_without_a_baseline_to_compare() -> None:
 
 
 def test_s2s_gate_asks_to_beat_the_bigram_baseline() -> None:
-    from tasks.gates import s2s_gate
+    from tasks.evaluation.gates import s2s_gate
 
     cfg = load_params("smoke").gates.s2s.model_copy(update={"max_cross_entropy": 6.0, "max_perplexity": 500.0,
                                                             "max_uniform_ratio": 0.5})
@@ -65,7 +65,7 @@ def test_bigram_baseline_knows_a_predictable_sequence_from_noise() -> None:
 
     import torch
 
-    from tasks.train_s2s import Pair, bigram_cross_entropy
+    from tasks.training.train_s2s import Pair, bigram_cross_entropy
 
     cycle = torch.arange(300) % 5
     predictable = [Pair(cycle[None], torch.stack([cycle, (cycle + 1) % 5]), 0, 0) for _ in range(3)]

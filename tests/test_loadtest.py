@@ -1,4 +1,4 @@
-"""The load generator (serving/loadtest.py) against the app in this process: concurrent clients
+"""The load test (tasks/benchmarks/: client, report, suite) against the app in this process: concurrent clients
 complete their turns with latencies measured on the client, refused and timed-out sessions count as
 dropped, the soak samples memory, docs/benchmarks.md is written from the figures, and `s2s
 loadtest` runs end to end with servers it starts itself."""
@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving.loadtest import batching_ratio, evaluate_goals, process_rss_mb, run_load, soak, write_benchmarks
+from tasks.benchmarks.load_client import process_rss_mb, run_load, soak
+from tasks.benchmarks.load_report import batching_ratio, evaluate_goals, write_benchmarks
 
 from .conftest import speak
 from .live_server import LiveServer
-from .test_session import bundle_dir  # noqa: F401  (fixture: a tiny random bundle)
 
 QUICK = {"max_reply_seconds": 0.6, "min_reply_seconds": 0.1}
 
@@ -162,7 +162,7 @@ def test_the_loadtest_command_starts_its_servers_and_writes_the_report(bundle_di
     import typer
     from typer.testing import CliRunner
 
-    from serving.loadtest import loadtest_command
+    from s2s.bench_commands import loadtest_command
 
     app = typer.Typer()
     app.command()(loadtest_command)

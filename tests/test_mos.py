@@ -1,11 +1,11 @@
-"""MOS predictors (tasks/mos.py): they must rank clean speech above the same speech in noise."""
+"""MOS predictors (tasks/evaluation/mos.py): they must rank clean speech above the same speech in noise."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from tasks.mos import MosScorer
+from tasks.evaluation.mos import MosScorer
 from tests.conftest import speak
 
 SENTENCE = "బస్సు ఆలస్యంగా వచ్చింది."

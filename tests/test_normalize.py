@@ -11,10 +11,10 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
-from s2s.config import load_params
-from tasks import atomic
-from tasks.normalize import MediaError, frame_levels, normalize_all, normalize_recording
-from tasks.synth_corpus import truncate_file
+from core import atomic
+from core.config import load_params
+from tasks.data.normalize import MediaError, frame_levels, normalize_all, normalize_recording
+from tasks.data.synth_corpus import truncate_file
 
 from .conftest import REPO, speak
 
@@ -62,7 +62,7 @@ def test_truncated_and_corrupt_files_are_refused_with_their_reason(tmp_path: Pat
 
     empty = tmp_path / "empty.wav"
     empty.write_bytes(b"")
-    from tasks.download import Recording
+    from tasks.data.download import Recording
 
     done, failures = normalize_all([Recording("s", "empty", empty), Recording("s", "cut", whole)], cfg, tmp_path / "o")
     assert done == [] and set(failures) == {"empty", "cut"}, "each bad file is reported, none stops the others"

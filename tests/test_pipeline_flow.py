@@ -7,11 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from s2s.config import load_params
+from core.config import load_params
 
-from .conftest import small_corpus_overrides
-from .test_train_flow import LENIENT
-from .test_training import TINY
+from .conftest import LENIENT, TINY, small_corpus_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +17,7 @@ pytestmark = pytest.mark.slow
 def test_pipeline_flow_runs_the_whole_chain(project_root: Path, tmp_path: Path, prefect_harness, one_thread,
                                             monkeypatch: pytest.MonkeyPatch):
     from flows.pipeline_flow import pipeline_flow
-    from tasks.registry import mlflow_client
+    from tasks.release.registry import mlflow_client
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
     # 3 good episodes: seed 15 puts one in each split (ep01 train, ep03 val, ep02 test)

@@ -3,7 +3,7 @@ never promoted, whatever gates it passed."""
 
 from __future__ import annotations
 
-from tasks.promotion import compare_with_champion, figures_from_tags
+from tasks.release.promotion import compare_with_champion, figures_from_tags
 
 CHAMPION = {"codec.stoi": 0.90, "codec.pesq_wb": 2.0, "quality.codec_roundtrip.cer": 0.2,
             "quality.replies.cer": 0.5, "quality.replies.emotion_control": 0.6,

@@ -28,12 +28,11 @@ import websockets
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from s2s.labels import EMOTIONS, SPEAKERS
-from serving.loadtest import soak
+from core.labels import EMOTIONS, SPEAKERS
+from tasks.benchmarks.load_client import soak
 
 from .conftest import speak
 from .live_server import LiveServer
-from .test_session import bundle_dir  # noqa: F401  (fixture: a tiny random bundle)
 
 MAX_MESSAGE_BYTES = 4096
 MAX_UTTERANCE_S = 2.0

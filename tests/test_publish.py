@@ -15,12 +15,14 @@ import pytest
 import torch
 import yaml
 
+from core.config import load_params
 from models.codec import CodecConfig, TeluCodec
 from models.s2s_transformer import S2SConfig, S2STransformer
-from s2s.config import load_params
 from serving.bundle import export_bundle, load_bundle
-from tasks.publish import (PublishError, hub_endpoint, publish_bundle, read_sums, redact, stage_repos,
-                           verify_folder)
+from tasks.release.hub import redact
+from tasks.release.hub_repos import hub_endpoint
+from tasks.release.publish import publish_bundle
+from tasks.release.staging import PublishError, read_sums, stage_repos, verify_folder
 from tests.fake_hub import FakeHub
 
 TOKEN = "test-token-7f3a9c2e51"             # not shaped like an hf_ token: redaction must find it by value
@@ -313,7 +315,7 @@ def test_redact_hides_the_token_and_credential_shapes() -> None:
 
 def test_endpoint_precedence(hub_env, monkeypatch: pytest.MonkeyPatch) -> None:
     """HF_ENDPOINT wins over publish.endpoint, which wins over the public Hub (params.yaml's order)."""
-    from tasks.publish import DEFAULT_ENDPOINT
+    from tasks.release.hub_repos import DEFAULT_ENDPOINT
 
     assert hub_endpoint(_params().publish) == DEFAULT_ENDPOINT  # the public Hub (never contacted here)
     assert hub_endpoint(_params("http://hub.internal:8080/").publish) == "http://hub.internal:8080"

@@ -24,7 +24,7 @@ import pytest
 os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tasks.diarize_pyannote import _turns, load_diarizer  # noqa: E402
+from tasks.data.diarize_pyannote import _turns, load_diarizer  # noqa: E402
 
 SR = 16000
 CHUNK_S = 2.0  # segmentation window of the pipeline (and training crop length)

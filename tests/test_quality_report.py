@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from s2s.config import QualityGate
-from s2s.labels import EMOTIONS, SPEAKERS
-from tasks.evaluate_quality import confusion, per_label_recall, quality_markdown, working_labels
-from tasks.gates import quality_gate
-from tasks.signoff import render_report
-from tasks.sources import Source, SourcesError
-from tasks.transcripts import attach_text, segment_text
+from core.config import QualityGate
+from core.labels import EMOTIONS, SPEAKERS
+from tasks.data.sources import Source, SourcesError
+from tasks.data.transcripts import attach_text, segment_text
+from tasks.evaluation.gates import quality_gate
+from tasks.evaluation.model_quality import confusion, per_label_recall, quality_markdown, working_labels
+from tasks.release.signoff import render_report
 
 TURNS = [{"start": 1.0, "end": 3.0, "text": "మొదటి"}, {"start": 3.5, "end": 5.0, "text": "రెండవ"},
          {"start": 8.0, "end": 12.0, "text": "మూడవ"}]

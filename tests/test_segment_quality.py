@@ -8,13 +8,13 @@ import pytest
 import torch
 import torchaudio.functional as AF
 
-from s2s.config import load_params
-from tasks.bench_segment import score
-from tasks.normalize import frame_levels
-from tasks.quality import CorpusValidationError, check_quality
-from tasks.segment import LabelledRegion, merge_regions, segment_audio, split_long
-from tasks.sources import Source
-from tasks.synth_corpus import EpisodePlan, Exchange, render_episode
+from core.config import load_params
+from tasks.benchmarks.bench_segment import score
+from tasks.data.normalize import frame_levels
+from tasks.data.segment import LabelledRegion, merge_regions, segment_audio, split_long
+from tasks.data.segment_checks import CorpusValidationError, check_quality
+from tasks.data.sources import Source
+from tasks.data.synth_corpus import EpisodePlan, Exchange, render_episode
 
 from .conftest import REPO
 

@@ -21,50 +21,18 @@ import websockets
 
 from serving.bundle import load_bundle
 from serving.engine import Engine, ReplyEvent
-from serving.loadtest import free_port
 from serving.session import GenerationSettings, ReplySession
+from tasks.benchmarks.server_launcher import free_port
 
-from .conftest import speak
+from .conftest import run_engine, speak
 from .live_server import LiveServer
-from .test_session import bundle_dir  # noqa: F401  (fixture: a tiny random bundle)
 
 GREEDY = GenerationSettings(temperature=0.0, top_k=None, max_reply_seconds=0.5, min_reply_seconds=0.1)
 
 
-def run_engine(engine: Engine, utterances: list[np.ndarray], stagger: bool) -> list[np.ndarray]:
-    """Replies of `engine` to each utterance (one session each), optionally started at staggered
-    times so rows finish out of order and are moved around."""
-    outputs: dict[int, list[np.ndarray]] = {i: [] for i in range(len(utterances))}
-    finished = threading.Event()
-    ends: list[int] = []
-
-    def emitter(index: int):
-        def emit(event: ReplyEvent) -> None:
-            if event.kind == "audio":
-                outputs[index].append(event.pcm)
-            elif event.kind == "end":
-                ends.append(index)
-                if len(ends) == len(utterances):
-                    finished.set()
-            else:
-                raise AssertionError(f"unexpected {event}")
-        return emit
-
-    ids = [engine.open("male_mature", "thinking", emitter(i)) for i in range(len(utterances))]
-    for cid, audio in zip(ids, utterances):
-        for start in range(0, len(audio), 320):
-            engine.post_audio(cid, audio[start: start + 320])
-        engine.post_end(cid)
-        if stagger:
-            time.sleep(0.05)
-    assert finished.wait(60), "every reply ends"
-    for cid in ids:
-        engine.close(cid)
-    return [np.concatenate(outputs[i]) for i in range(len(utterances))]
-
-
-def test_batched_replies_equal_one_by_one_replies(bundle_dir: Path, one_thread):
-    bundle = load_bundle(bundle_dir)
+@pytest.mark.parametrize("kind", ["bundle_dir", "v1_bundle_dir"])
+def test_batched_replies_equal_one_by_one_replies(kind: str, request: pytest.FixtureRequest, one_thread):
+    bundle = load_bundle(request.getfixturevalue(kind))   # the shipped kind, and the previous one
     utterances = [speak(t) for t in ("నమస్కారం.", "మీరు ఎలా ఉన్నారు?", "సాయంత్రం ఐదు గంటలకు వస్తుంది.",
                                         "అవును.", "నేను అన్నం, పప్పు తిన్నాను.")]
     expected = [ReplySession(bundle, "male_mature", "thinking", GREEDY).reply(u) for u in utterances]

@@ -1,34 +1,18 @@
-"""The serving session (used by the latency gate, the pyfunc model and the server): streaming
+"""The one-conversation serving session (the pyfunc model and the quality evaluation run it): streaming
 encode while the user speaks, a reply streamed frame by frame, and clear refusals."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from models.codec import CodecConfig, TeluCodec
-from models.s2s_transformer import S2SConfig, S2STransformer
-from serving.bundle import BundleError, ModelBundle, export_bundle, load_bundle
+from serving.bundle import BundleError, ModelBundle, load_bundle
 from serving.session import GenerationSettings, ReplySession, SessionError
 
 from .conftest import speak
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory: pytest.TempPathFactory, one_thread) -> Path:
-    torch.manual_seed(0)
-    codec = TeluCodec(CodecConfig(channels=4, latent_dim=8, n_codebooks=2, codebook_size=16))
-    s2s_config = S2SConfig(n_codebooks=2, codebook_size=16, d_model=16, n_layers=1, n_heads=2, max_len=128)
-    s2s = S2STransformer(s2s_config)
-    root = tmp_path_factory.mktemp("bundle")
-    torch.save({"config": codec.config_dict(), "model": codec.state_dict()}, root / "codec.pt")
-    torch.save({"config": asdict(s2s_config), "codec_config": codec.config_dict(), "model": s2s.state_dict()},
-               root / "s2s.pt")
-    return export_bundle(root / "codec.pt", root / "s2s.pt", root / "bundle", {"model_name": "tiny"})
 
 
 @pytest.fixture(scope="module")

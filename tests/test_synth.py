@@ -7,11 +7,11 @@ import re
 import numpy as np
 import pytest
 
-from s2s.config import load_params
-from s2s.labels import EMOTIONS, SPEAKERS
-from tasks.speakers import frame_features
-from tasks.splits import split_sources
-from tasks.synth_corpus import PROSODY, VOICES, espeak_command, load_exchanges, plan_episodes
+from core.config import load_params
+from core.labels import EMOTIONS, SPEAKERS
+from tasks.data.speakers import frame_features
+from tasks.data.splits import split_sources
+from tasks.data.synth_corpus import PROSODY, VOICES, espeak_command, load_exchanges, plan_episodes
 
 from .conftest import REPO, speak
 

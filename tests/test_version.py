@@ -6,7 +6,7 @@ import subprocess
 import threading
 from pathlib import Path
 
-from tasks.version import restore_corpus, version_corpus
+from tasks.data.version import restore_corpus, version_corpus
 
 
 def _commit(root: Path, message: str) -> str:

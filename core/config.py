@@ -1,0 +1,464 @@
+"""Typed access to params.yaml: one loader for the flows, the task CLIs and dvc.yaml.
+
+params.yaml has a `base` section with every setting and `profiles` that override parts of it. The
+merged result is validated by pydantic models that forbid unknown keys, so a misspelt parameter
+fails at once with its dotted name instead of being silently ignored.
+
+Over 400 lines: one pydantic model per params.yaml section, kept in one file so the schema
+reads top to bottom beside params.yaml; the loader itself is the last ~60 lines.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A parameter file, profile or override that cannot be used; the message names it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PathsConfig(_Section):
+    artifacts: Path
+    data: Path
+    sources_file: Path
+
+
+class CorpusConfig(_Section):
+    out_dir: Path
+    seed: int
+    episodes: int
+    exchanges_per_episode: int
+    sample_rate: int
+    turn_gap_s: tuple[float, float]
+    exchange_gap_s: tuple[float, float]
+    lead_silence_s: float
+    noise_snr_db: list[float]
+    bad_items: bool
+
+    @field_validator("episodes", "exchanges_per_episode")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+
+class DownloadConfig(_Section):
+    archive: Path
+    out_dir: Path
+    retries: int
+    socket_timeout_s: float
+    rate_limit: str | None
+    format: str
+
+
+class NormalizeConfig(_Section):
+    out_dir: Path
+    sample_rate: int
+    loudness_lufs: float
+    true_peak_db: float
+    truncation_tolerance: float
+
+
+class SegmentConfig(_Section):
+    out_dir: Path
+    backend: Literal["silero", "pyannote"]
+    pyannote_pipeline: str | None
+    vad_threshold: float
+    vad_lanes: int
+    min_silence_ms: int
+    speech_pad_ms: int
+    merge_gap_s: float
+    min_segment_s: float
+    max_segment_s: float
+    max_speakers: int
+
+
+class QualityConfig(_Section):
+    frame_ms: int
+    min_raw_dbfs: float
+    min_snr_db: float
+    max_clipping_ratio: float
+    max_silence_ratio: float
+    report_dir: str
+
+
+class SplitsConfig(_Section):
+    seed: int
+    val_fraction: float
+    test_fraction: float
+
+
+class PairsConfig(_Section):
+    max_gap_s: float
+    default_emotion: str
+
+
+class VersionConfig(_Section):
+    enabled: bool
+    push: bool
+    remote_name: str
+    remote_url: str
+
+
+class BenchConfig(_Section):
+    segment_repeats: int
+
+
+class MlflowConfig(_Section):
+    tracking_uri: str | None
+    experiment: str
+    system_metrics: bool
+
+
+class CostConfig(_Section):
+    gpu_hour_usd: float
+    cpu_hour_usd: float
+
+
+class ConvCodecConfig(_Section):
+    """TeluCodec v1: SEANet-style convolutions at the sample rate (models/codec.py)."""
+    channels: int
+    latent_dim: int
+    strides: tuple[int, ...]
+    kernel_size: int
+
+
+class MelCodecSection(_Section):
+    """TeluCodec v2: log-mel front end, k-means RVQ, causal vocoder (models/mel_codec.py)."""
+    hop_length: int
+    mel_n_fft: int
+    n_mels: int
+    vocoder_n_fft: int
+    vocoder_dim: int
+    vocoder_layers: int
+    vocoder_kernel: int
+
+
+class CodecModelConfig(_Section):
+    kind: Literal["mel", "conv"]
+    sample_rate: int
+    n_codebooks: int
+    codebook_size: int
+    mel: MelCodecSection
+    conv: ConvCodecConfig
+
+    def architecture(self) -> dict[str, Any]:
+        """The config dict of the chosen kind, as models.codecs.codec_from_config takes it."""
+        shape = self.mel if self.kind == "mel" else self.conv
+        return {"kind": self.kind, "sample_rate": self.sample_rate, "n_codebooks": self.n_codebooks,
+                "codebook_size": self.codebook_size, **shape.model_dump(mode="json")}
+
+
+class _TrainConfig(_Section):
+    out_dir: Path
+    device: str
+    seed: int
+    batch_size: int
+    epochs: int
+    max_steps: int | None
+    lr: float
+    checkpoint_every: int
+    log_every: int
+
+    @field_validator("batch_size", "epochs", "checkpoint_every", "log_every")
+    @classmethod
+    def _at_least_one(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+
+class CodecTrainConfig(_TrainConfig):
+    crop_seconds: float
+    waveform_weight: float
+    kmeans_iterations: int
+    gain_augment_db: float
+    unseen_items: int
+    adversarial: bool
+    eval_items: int
+
+
+class TokensConfig(_Section):
+    out_dir: Path
+
+
+class S2SModelConfig(_Section):
+    d_model: int
+    n_layers: int
+    n_heads: int
+    max_len: int
+    dropout: float
+    attention_dropout: float
+    conditioning: Literal["slot", "every_step"]
+
+
+class S2STrainConfig(_TrainConfig):
+    warmup_steps: int
+    max_turn_frames: int
+    condition_dropout: float      # share of examples trained with the null speaker and emotion
+
+
+class CodecGate(_Section):
+    """Floors and ceilings for the codec's test-split metrics (null: reported, not gated);
+    `beat_baseline` also asks it to beat 8-bit mu-law PCM at the same bitrate, and every codec
+    named in `beat_codecs` (tasks/codec_baselines.py) to be matched on STOI and PESQ-wb."""
+
+    min_snr_db: float | None = None
+    min_si_sdr_db: float | None = None
+    max_mel_distance: float
+    min_stoi: float
+    min_pesq_wb: float | None = None
+    beat_baseline: bool = True
+    beat_codecs: tuple[str, ...] = ()
+
+
+class S2SGate(_Section):
+    max_cross_entropy: float
+    max_perplexity: float
+    max_uniform_ratio: float          # val perplexity / codebook size
+    beat_bigram: bool = True          # val cross-entropy below the per-codebook bigram baseline's
+
+
+class LatencyGate(_Section):
+    max_mean_ms: float
+    max_p95_ms: float
+    max_std_ms: float
+
+
+class QualityGate(_Section):
+    """Thresholds on what the quality evaluators measure (tasks/evaluation/model_quality.py); null = reported only.
+    MOS is judged relative to the corpus's own audio (its ceiling), the rest as absolute figures."""
+    min_emotion_judge_accuracy: float | None = None  # the emotion classifier on held-out corpus audio
+    min_speaker_judge_accuracy: float | None = None  # the speaker classifier on held-out corpus audio
+    max_evaluator_cer: float | None = None        # the recognizer on held-out corpus audio
+    min_reply_mos_ratio: float | None = None      # DNSMOS P.808 of replies / of corpus audio
+    min_reply_mos: float | None = None            # DNSMOS P.808 of replies (checklist: MOS > 4.0)
+    max_reply_cer: float | None = None            # checklist: Telugu accuracy > 90% -> CER < 0.10
+    min_emotion_control: float | None = None      # checklist: 9 emotions working
+    min_speaker_control: float | None = None      # checklist: 4 speakers working
+    max_roundtrip_cer: float | None = None        # recognizer CER after a codec round trip
+
+
+class GatesConfig(_Section):
+    codec: CodecGate
+    s2s: S2SGate
+    latency: LatencyGate
+    quality: QualityGate
+
+
+class AsrConfig(_Section):
+    """The CTC recognizer of Telugu graphemes the pipeline trains to judge intelligibility."""
+    n_mels: int
+    channels: int                     # width of the conv stack
+    hidden: int                       # width of each block's per-frame MLP
+    layers: int                       # conv blocks
+    kernel_size: int                  # of each block's depthwise conv, in 40 ms frames
+    dropout: float
+    batch_size: int
+    max_steps: int
+    lr: float                         # peak of the one-cycle schedule
+    weight_decay: float
+    spec_augment: bool                # mask mel bands and time spans of the training batches
+    seed: int
+
+
+class ClassifierAugmentConfig(_Section):
+    """What one classifier's training crops get on top of a random gain (tasks/evaluation/train_classifier.py)."""
+    noise_snr_db: tuple[float, float] | None = None   # added noise at a random SNR in this range; null = none
+    mel_shift: float = 0.0            # random shift of +-mel_shift mel bins (a voice higher or lower)
+    adversary_weight: float = 0.0     # gradient reversal against the other label; 0 = off
+    steps_fraction: float = 1.0       # this classifier trains for max_steps x this (at least 1 step)
+
+
+class ClassifierConfig(_Section):
+    """The utterance classifiers (emotion, speaker) that judge emotion and speaker control."""
+    n_mels: int
+    channels: int
+    batch_size: int
+    max_steps: int
+    lr: float
+    crop_seconds: float
+    seed: int
+    gain_db: float = 12.0             # random gain of +-gain_db on training crops (the model is level-blind)
+    label_smoothing: float = 0.1
+    emotion: ClassifierAugmentConfig = ClassifierAugmentConfig()
+    speaker: ClassifierAugmentConfig = ClassifierAugmentConfig()
+
+
+class EvaluationConfig(_Section):
+    """What `s2s eval` and the train flow's evaluate-quality step measure, and on how much."""
+    out_dir: Path                     # evaluators and reports (per corpus hash / per model)
+    threads: int
+    asr: AsrConfig
+    classifier: ClassifierConfig
+    corpus_items: int                 # held-out (test split) segments scored for the ceilings
+    reply_inputs: int                 # test-split user turns replies are generated for
+    temperature: float
+    top_k: int | None
+    max_reply_seconds: float
+    working_share: float              # an emotion/speaker "works" at this recall and precision in replies
+    mos: list[Literal["dnsmos", "distillmos"]]
+
+
+class LatencyConfig(_Section):
+    utterances: int                   # test-split user turns streamed through the serving path
+    warmup: int
+    threads: int
+    chunk_ms: int                     # the user's audio arrives in chunks of this length
+    reply_frames: int                 # frames generated per reply (first audio needs only 1)
+
+
+class ServingConfig(_Section):
+    temperature: float
+    top_k: int | None
+    max_reply_seconds: float
+    max_utterance_seconds: float
+    min_reply_seconds: float
+    guidance: float                   # classifier-free guidance on speaker and emotion; 1.0 = off
+    model: str                        # models:/<name>@<alias>, models:/<name>/<version> or a bundle folder
+    host: str
+    port: int
+    max_sessions: int
+    max_message_bytes: int
+    max_session_seconds: float
+    threads: int
+    batching: bool
+    vad_silence_ms: int               # server-side end of utterance after this much silence
+    vad_threshold_dbfs: float
+    token_env: str
+    shutdown_grace_s: float
+
+
+class RegistryConfig(_Section):
+    model_name: str
+    auto_promote: bool                # champion at once when the gates pass (no sign-off)
+    required_roles: list[Literal["technical_lead", "project_manager", "business_head"]]
+
+
+class PublishConfig(_Section):
+    enabled: bool
+    out_dir: Path
+    endpoint: str | None              # HF_ENDPOINT wins; null = the public Hub
+    namespace: str | None             # user or organisation; null = the token's user
+    codec_repo: str
+    s2s_repo: str
+    private: bool
+    license: str
+    token_env: str                    # name of the variable holding the token (never its value)
+
+
+class Params(_Section):
+    """All settings of one profile, with paths resolved against the project root."""
+
+    profile: str
+    root: Path
+    paths: PathsConfig
+    corpus: CorpusConfig
+    download: DownloadConfig
+    normalize: NormalizeConfig
+    segment: SegmentConfig
+    quality: QualityConfig
+    splits: SplitsConfig
+    pairs: PairsConfig
+    version: VersionConfig
+    bench: BenchConfig
+    mlflow: MlflowConfig
+    cost: CostConfig
+    codec: CodecModelConfig
+    codec_train: CodecTrainConfig
+    tokens: TokensConfig
+    s2s: S2SModelConfig
+    s2s_train: S2STrainConfig
+    gates: GatesConfig
+    latency: LatencyConfig
+    evaluation: EvaluationConfig
+    serving: ServingConfig
+    registry: RegistryConfig
+    publish: PublishConfig
+
+    def path(self, relative: Path | str) -> Path:
+        """A params path made absolute against the project root (absolute paths pass through)."""
+        p = Path(os.path.expanduser(str(relative)))
+        return p if p.is_absolute() else self.root / p
+
+
+def find_root(start: Path | None = None) -> Path:
+    """The project root: S2S_ROOT, else the nearest folder upwards holding params.yaml."""
+    if env := os.environ.get("S2S_ROOT"):
+        return Path(env).resolve()
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "params.yaml").is_file():
+            return folder
+    packaged = Path(__file__).resolve().parent.parent
+    if (packaged / "params.yaml").is_file():
+        return packaged
+    raise ConfigError(f"no params.yaml found in {here} or above; set S2S_ROOT to the project root")
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any], where: str = "") -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        dotted = f"{where}{key}"
+        if key not in merged:
+            raise ConfigError(f"unknown parameter {dotted!r}")
+        if isinstance(value, dict) and isinstance(merged[key], dict):
+            merged[key] = _deep_merge(merged[key], value, dotted + ".")
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
+    """`section.key=value` strings (values parsed as YAML) into a nested override dict."""
+    nested: dict[str, Any] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ConfigError(f"override {pair!r} is not of the form section.key=value")
+        dotted, raw = pair.split("=", 1)
+        keys = dotted.strip().split(".")
+        node = nested
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = yaml.safe_load(raw)
+    return nested
+
+
+def load_params(
+    profile: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    root: Path | None = None,
+) -> Params:
+    """Read params.yaml, apply the profile then `overrides`, and validate the result."""
+    root = (root or find_root()).resolve()
+    params_file = root / "params.yaml"
+    try:
+        raw = yaml.safe_load(params_file.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{params_file} does not exist") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{params_file} is not valid YAML: {exc}") from exc
+    profiles = raw.get("profiles") or {}
+    profile = profile or raw.get("default_profile") or "smoke"
+    if profile not in profiles:
+        raise ConfigError(f"unknown profile {profile!r}: params.yaml has {', '.join(sorted(profiles))}")
+    merged = _deep_merge(raw["base"], profiles[profile] or {})
+    merged = _deep_merge(merged, overrides or {})
+    try:
+        return Params(profile=profile, root=root, **merged)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid parameters for profile {profile!r}: {problems}") from exc

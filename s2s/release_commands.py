@@ -1,0 +1,87 @@
+"""`s2s signoff`, `s2s publish` and `s2s serve`: from a registered version to users."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from s2s.common import ProfileOpt, SetOpt, _fail, _params, _prefect_env, app, console, signoff_app
+
+
+@signoff_app.command("report")
+def signoff_report(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = SetOpt,
+                   version: Optional[str] = typer.Option(None, help="model version (default: the challenger)"),
+                   prefect: bool = typer.Option(True, "--prefect/--no-prefect", help="also a Prefect artifact")) -> None:
+    """Render the sign-off report of a model version (markdown; MLflow and Prefect artifacts)."""
+    if prefect:
+        _prefect_env()
+    from tasks.release import signoff
+
+    params = _params(profile, set_)
+    try:
+        markdown, path = signoff.publish_report(params, version, prefect=prefect)
+    except LookupError as exc:
+        _fail(str(exc))
+    console.print(markdown, markup=False, soft_wrap=True)
+    console.print(f"report written to {path}")
+
+
+@signoff_app.command("approve")
+def signoff_approve(role: str = typer.Option(..., help="technical_lead | project_manager | business_head"),
+                    name: str = typer.Option(..., help="the reviewer's name"),
+                    version: Optional[str] = typer.Option(None, help="model version (default: the challenger)"),
+                    profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = SetOpt) -> None:
+    """Approve a version in a role; it becomes champion once every required role approved."""
+    from tasks.release import signoff
+
+    params = _params(profile, set_)
+    try:
+        status = signoff.approve(params, role, name, version)
+        signoff.publish_report(params, status["version"], prefect=False)
+    except (ValueError, PermissionError, LookupError) as exc:
+        _fail(str(exc))
+    console.print(f"{status['name']} version {status['version']}: approved by {', '.join(status['approved'])}")
+    if status["promoted"]:
+        console.print(f"[green]promoted to champion[/]")
+    else:
+        console.print(f"still needed for champion: {', '.join(status['missing'])}")
+
+
+@app.command("publish")
+def publish_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = SetOpt,
+                model: str = typer.Option("champion", help="alias or version number of the registered model")) -> None:
+    """Publish a registered model to the Hugging Face Hub (HF_TOKEN), or write the bundle locally."""
+    from core.tracking import tracking_uri
+    from serving.bundle import BundleError
+    from serving.bundle import download_bundle
+    from tasks.release.publish import publish_bundle
+    from tasks.release.staging import PublishError
+
+    params = _params(profile, set_)
+    name = params.registry.model_name
+    uri = f"models:/{name}/{model}" if model.isdigit() else f"models:/{name}@{model}"
+    try:
+        bundle = download_bundle(uri, tracking_uri(params.root, params.mlflow.tracking_uri))
+        report = publish_bundle(bundle, params.publish, params.path(params.publish.out_dir))
+    except (BundleError, PublishError) as exc:
+        _fail(str(exc))
+    console.print(report.message, soft_wrap=True)
+
+
+@app.command("serve")
+def serve_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = SetOpt,
+              model: Optional[str] = typer.Option(None, help="models:/name@alias, models:/name/N or a bundle folder "
+                                                               "(default: serving.model)"),
+              host: Optional[str] = typer.Option(None, help="default: serving.host (127.0.0.1)"),
+              port: Optional[int] = typer.Option(None, help="default: serving.port")) -> None:
+    """Serve the model: /ws streaming speech, /stats, /healthz, /metrics and the demo page at /."""
+    from serving.bundle import BundleError
+    from serving.server import serve
+
+    params = _params(profile, set_)
+    try:
+        serve(params, model, host, port)
+    except BundleError as exc:
+        _fail(f"{exc}\nno model to serve: run `make pipeline` (registers models:/telugu-s2s@champion) "
+              "or pass --model with a bundle folder")

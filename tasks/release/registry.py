@@ -1,0 +1,169 @@
+"""The MLflow model registry: one registered model, codec and S2S together, with aliases.
+
+    challenger   the latest candidate that passed every gate
+    champion     the candidate the server loads: set after sign-off by the roles params.yaml
+                 names, or at once when the profile says auto_promote and the candidate is not
+                 worse than the current champion on the figures users hear (promotion.py; the
+                 comparison is kept on the version as the `promotion` tag either way)
+
+A version carries what a reviewer needs as tags (gates, key metrics, corpus hash, git commit,
+profile, cost) and the full evaluation as a JSON artifact of its run. Registering the same
+weights again (a re-run with nothing changed) returns the existing version instead of a copy.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import core
+import models
+import serving
+from core.config import Params
+from core.tracking import tracking_uri
+from serving.bundle import bundle_sha
+from serving.pyfunc import TeluS2SModel
+from tasks.release.promotion import PromotionDecision, compare_with_champion, figures_from_tags
+from tasks.training.tracker import use_experiment
+
+CHALLENGER, CHAMPION = "challenger", "champion"
+PROMOTION_TAG = "promotion"
+REQUIREMENTS = ("torch", "torchaudio", "numpy", "pandas", "soundfile", "pyyaml", "pydantic", "mlflow")
+
+
+@dataclass
+class RegisteredVersion:
+    name: str
+    version: str
+    aliases: list[str]
+    run_id: str
+    reused: bool
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def mlflow_client(params: Params):
+    """An MlflowClient on the project's store (MLFLOW_TRACKING_URI wins)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = tracking_uri(params.root, params.mlflow.tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _requirements() -> list[str]:
+    pins = []
+    for package in REQUIREMENTS:
+        try:
+            pins.append(f"{package}=={importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            pins.append(package)
+    return pins
+
+
+def find_version(client: Any, name: str, sha: str) -> Any | None:
+    """The version of `name` holding exactly these weights, if one was registered."""
+    try:
+        found = client.search_model_versions(f"name = '{name}' and tag.bundle_sha = '{sha}'")
+    except Exception:  # the registered model does not exist yet
+        return None
+    return max(found, key=lambda v: int(v.version)) if found else None
+
+
+def register_bundle(bundle_dir: Path, params: Params, evaluation: dict[str, Any], tags: dict[str, str],
+                    parent_run_id: str | None = None) -> RegisteredVersion:
+    """Register a candidate that passed its gates: log the pyfunc model in a `register` run, tag
+    the version, alias it challenger (and champion when the profile auto-promotes)."""
+    import mlflow
+
+    name = params.registry.model_name
+    client = mlflow_client(params)
+    sha = bundle_sha(bundle_dir)
+    existing = find_version(client, name, sha)
+    if existing is not None:
+        current = client.get_model_version(name, existing.version)
+        return RegisteredVersion(name, str(current.version), list(current.aliases or []), current.run_id, reused=True)
+
+    use_experiment(params.root, params.mlflow.tracking_uri, params.mlflow.experiment)
+    run_tags = {**tags, "stage": "register", **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
+    with mlflow.start_run(run_name="register", tags=run_tags, nested=mlflow.active_run() is not None) as run:
+        mlflow.log_dict(evaluation, "evaluation.json")
+        mlflow.log_metrics(flat_metrics(evaluation))
+        # The pyfunc needs only the layers below tasks/: the base, the models and serving.
+        code = [str(Path(m.__file__).parent) for m in (core, models, serving)]
+        info = mlflow.pyfunc.log_model(name="model", python_model=TeluS2SModel(),
+                                       artifacts={"bundle": str(bundle_dir)}, code_paths=code,
+                                       pip_requirements=_requirements(), registered_model_name=name)
+        version = str(info.registered_model_version)
+    client.update_registered_model(name, description=(
+        "Telugu speech-to-speech: TeluCodec + S2S transformer. Aliases: challenger = latest candidate that passed "
+        "the gates; champion = signed off (or auto-promoted) and served."))
+    version_tags = {**tags, "bundle_sha": sha, "gates_passed": str(all(g["passed"] for g in evaluation["gates"].values())).lower(),
+                    **{f"gate.{g}": "passed" if r["passed"] else "failed" for g, r in evaluation["gates"].items()},
+                    **{k: f"{v:.4g}" for k, v in flat_metrics(evaluation).items()}}
+    for key, value in version_tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    aliases = [CHALLENGER]
+    decision = champion_comparison(client, name, flat_metrics(evaluation))
+    client.set_model_version_tag(name, version, PROMOTION_TAG, json.dumps(decision.to_dict()))
+    if params.registry.auto_promote and decision.promote:
+        promote(client, name, version, f"auto-promote (profile {params.profile}): {decision.reason}")
+        aliases.append(CHAMPION)
+    return RegisteredVersion(name, version, aliases, run.info.run_id, reused=False)
+
+
+def champion_comparison(client: Any, name: str, figures: dict[str, float]) -> PromotionDecision:
+    """The candidate's figures beside the current champion's (from its tags); no champion: promote."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:  # the alias is not set yet
+        return compare_with_champion(figures, None, None)
+    return compare_with_champion(figures, figures_from_tags(champion.tags), str(champion.version))
+
+
+def flat_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
+    """codec.snr_db, s2s.perplexity, latency.first_audio_mean_ms, ... from the evaluation."""
+    return {f"{stage}.{key}": float(value) for stage, values in evaluation.get("metrics", {}).items()
+            for key, value in values.items() if isinstance(value, (int, float))}
+
+
+def promote(client: Any, name: str, version: str, why: str) -> None:
+    """Make `version` the champion; refuses a version whose gates did not all pass."""
+    tags = client.get_model_version(name, version).tags
+    if tags.get("gates_passed") != "true":
+        raise PermissionError(f"{name} version {version} did not pass its gates: it cannot become {CHAMPION}")
+    client.set_registered_model_alias(name, CHAMPION, version)
+    client.set_model_version_tag(name, version, "promoted", why)
+
+
+def version_info(client: Any, name: str, version: str) -> dict[str, Any]:
+    """A version's tags, aliases, run and evaluation.json: what the sign-off report shows."""
+    mv = client.get_model_version(name, version)
+    evaluation: dict[str, Any] = {}
+    try:
+        path = client.download_artifacts(mv.run_id, "evaluation.json", tempfile.mkdtemp(prefix="s2s-eval-"))
+        evaluation = json.loads(Path(path).read_text())
+    except Exception:  # an older version without the artifact: the tags still say enough
+        evaluation = {}
+    if "quality" not in evaluation and mv.tags.get("quality_run_id", "None") != "None":
+        try:  # measured after registration by `s2s eval`
+            path = client.download_artifacts(mv.tags["quality_run_id"], "quality.json",
+                                             tempfile.mkdtemp(prefix="s2s-quality-"))
+            evaluation["quality"] = json.loads(Path(path).read_text())
+            evaluation.setdefault("runs", {})["quality"] = mv.tags["quality_run_id"]
+        except Exception:  # the run or its artifact is gone: the quality.* tags still say enough
+            pass
+    aliases = [a for a, v in (client.get_registered_model(name).aliases or {}).items() if str(v) == str(version)]
+    return {"name": name, "version": str(version), "tags": dict(mv.tags), "run_id": mv.run_id, "aliases": aliases,
+            "created": mv.creation_timestamp, "evaluation": evaluation}

@@ -1,0 +1,107 @@
+"""MLflow tracking for the training tasks: the experiment, a run on the main rank only (plus a
+local metrics.jsonl that resume truncates) and ending it as FAILED or KILLED when training raises."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from core import atomic
+from core.tracking import tracking_uri
+
+
+def use_experiment(root: Path, uri: str | None, experiment: str) -> str:
+    """Point MLflow at the store and the experiment (created with artifacts under mlflow/)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(root, uri))
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
+        artifacts = root / "mlflow" / "artifacts"
+        artifacts.mkdir(parents=True, exist_ok=True)
+        experiment_id = mlflow.create_experiment(experiment, artifact_location=artifacts.as_uri())
+    else:
+        experiment_id = found.experiment_id
+    mlflow.set_experiment(experiment)
+    return experiment_id
+
+
+class RunTracker:
+    """An MLflow run on the main rank (nothing on the others), plus a local metrics.jsonl.
+
+    The JSONL beside the checkpoints is what resume tests and dashboards without MLflow read; it
+    is appended per logged step and truncated to the resumed step on resume.
+    """
+
+    def __init__(self, main: bool, use_mlflow: bool, root: Path, uri: str | None, experiment: str, run_name: str,
+                 metrics_path: Path, resume_step: int, system_metrics: bool, run_id: str | None = None,
+                 parent_run_id: str | None = None) -> None:
+        self.main = main
+        self.enabled = main and use_mlflow  # MLflow on the main rank only
+        self.metrics_path = metrics_path
+        self.run_id: str | None = None
+        if not main:
+            return
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resume_step and metrics_path.is_file():
+            kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= resume_step]
+        atomic.write_text(metrics_path, "".join(l + "\n" for l in kept))
+        if not self.enabled:
+            return
+        import mlflow
+
+        self.mlflow = mlflow
+        use_experiment(root, uri, experiment)
+        tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id and not run_id else None
+        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=tags,
+                               log_system_metrics=system_metrics, nested=mlflow.active_run() is not None)
+        self.run_id = run.info.run_id
+
+    @classmethod
+    def for_training(cls, params: Any, stage: str, out_dir: Path, is_main: bool, use_mlflow: bool,
+                     resume_step: int, run_id: str | None, parent_run_id: str | None = None) -> "RunTracker":
+        """The tracker of a training stage: its run (continued on resume, nested under the flow's
+        run when there is one) and its metrics.jsonl."""
+        return cls(is_main, use_mlflow, params.root, params.mlflow.tracking_uri, params.mlflow.experiment, stage,
+                   out_dir / "metrics.jsonl", resume_step, params.mlflow.system_metrics, run_id, parent_run_id)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        if self.enabled:
+            self.mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.enabled:
+            self.mlflow.set_tags(tags)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.main:
+            return
+        if self.enabled:
+            self.mlflow.log_metrics(metrics, step=step)
+        with open(self.metrics_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        if self.enabled:
+            self.mlflow.log_artifact(str(path), artifact_path=folder)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.enabled:
+            self.mlflow.end_run(status=status)
+
+
+@contextlib.contextmanager
+def tracked(tracker: RunTracker) -> Iterator[RunTracker]:
+    """End the MLflow run as FAILED (or KILLED on Ctrl-C) when training raises."""
+    try:
+        yield tracker
+    except KeyboardInterrupt:
+        tracker.finish("KILLED")
+        raise
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish()

@@ -1,0 +1,250 @@
+"""Train the S2S transformer on conversational pairs of codec tokens, then score it on val.
+
+Read top to bottom: tokens for every segment (tokenized once by the trained codec), pairs from
+the data flow (a user turn, the reply, the reply's speaker and emotion), then the step loop
+(a batch of pairs drawn for this step, cross-entropy on the reply tokens, warmup + cosine
+learning rate, logging, atomic checkpoints) and the validation cross-entropy and perplexity,
+beside two baselines: uniform (perplexity = the number of codes) and per-codebook bigrams.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from core import atomic
+from core.checkpoints import load_checkpoint, restore_rng, save_checkpoint
+from core.config import Params
+from core.hashing import code_hash
+from models.s2s_transformer import S2SConfig, S2STransformer, build_training_example, collate_examples
+from tasks.data.corpus_audio import CorpusError
+from tasks.training.cost import cost_metrics, planned_steps
+from tasks.training.device import autocast, init_distributed, select_device
+from tasks.training.provenance import corpus_fingerprint, run_tags
+from tasks.training.rng import step_generator
+from tasks.training.stage_cache import cached_result, write_stamp
+from tasks.training.tokenize_corpus import load_tokens, tokenize_corpus
+from tasks.training.tracker import RunTracker, tracked
+
+
+@dataclass(frozen=True)
+class Pair:
+    user: torch.Tensor  # (K, Tu) codes
+    reply: torch.Tensor  # (K, Tr) codes
+    speaker: int
+    emotion: int
+
+
+@dataclass
+class S2STrainResult:
+    checkpoint: str
+    steps: int
+    seconds: float
+    metrics: dict[str, float]
+    baselines: dict[str, float]
+    run_id: str | None
+    cached: bool = False  # True when a finished run with the same stamp was reused
+
+
+def s2s_config(params: Params, codec_config: dict) -> S2SConfig:
+    return S2SConfig(n_codebooks=codec_config["n_codebooks"], codebook_size=codec_config["codebook_size"],
+                     **params.s2s.model_dump())
+
+
+def load_pairs(params: Params, tokens_dir: Path, split: str) -> list[Pair]:
+    """The split's pairs with their codes, each turn cropped to max_turn_frames (the user turn
+    keeps its end, the part the reply answers; the reply keeps its start)."""
+    data_dir = params.path(params.paths.data)
+    tokens = load_tokens(tokens_dir, split)
+    limit = params.s2s_train.max_turn_frames
+    pairs = []
+    for line in (data_dir / "pairs.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["split"] != split or row["input_segment"] not in tokens or row["reply_segment"] not in tokens:
+            continue
+        user = torch.from_numpy(tokens[row["input_segment"]].astype("int64"))[:, -limit:]
+        reply = torch.from_numpy(tokens[row["reply_segment"]].astype("int64"))[:, :limit]
+        pairs.append(Pair(user, reply, row["reply_speaker_id"], row["reply_emotion_id"]))
+    if not pairs:
+        raise CorpusError(f"no {split} pairs in {data_dir / 'pairs.jsonl'}: the corpus needs conversations")
+    return pairs
+
+
+def make_batch(pairs: list[Pair], indices: list[int], config: S2SConfig) -> tuple[torch.Tensor, ...]:
+    chosen = [pairs[i] for i in indices]
+    inputs, targets, _ = collate_examples([build_training_example(p.user, p.reply, config) for p in chosen], config)
+    speaker = torch.tensor([p.speaker for p in chosen])
+    emotion = torch.tensor([p.emotion for p in chosen])
+    return inputs, targets, speaker, emotion
+
+
+def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+@torch.inference_mode()
+def evaluate_s2s(model: S2STransformer, pairs: list[Pair], device: torch.device, batch: int = 16) -> dict[str, float]:
+    """Token-weighted cross-entropy (nats) and perplexity over every pair of a split."""
+    model.eval()
+    total_loss, total_tokens = 0.0, 0
+    for start in range(0, len(pairs), batch):
+        inputs, targets, speaker, emotion = make_batch(pairs, list(range(start, min(start + batch, len(pairs)))),
+                                                       model.config)
+        logits = model(inputs.to(device), speaker.to(device), emotion.to(device))
+        tokens = int((targets != model.config.pad_id).sum())
+        total_loss += float(model.loss(logits, targets.to(device))) * tokens
+        total_tokens += tokens
+    model.train()
+    ce = total_loss / max(total_tokens, 1)
+    return {"cross_entropy": ce, "perplexity": math.exp(min(ce, 50.0)), "tokens": float(total_tokens)}
+
+
+def bigram_cross_entropy(train: list[Pair], val: list[Pair], codebook_size: int,
+                         weights: tuple[float, ...] = (0.3, 0.5, 0.7, 0.9)) -> float:
+    """Cross-entropy (nats per code) of the val replies' codes under per-codebook bigram models
+    fitted on the train replies: the baseline a sequence model must beat to have learnt more than
+    which code follows which. Each bigram is interpolated with its add-one unigram; the weight is
+    the one the val split likes best (the baseline's best case, so beating it means something)."""
+    n_codebooks = train[0].reply.shape[0]
+    best = []
+    for k in range(n_codebooks):
+        counts = torch.zeros(codebook_size, codebook_size)
+        for pair in train:
+            row = pair.reply[k]
+            counts.index_put_((row[:-1], row[1:]), torch.ones(len(row) - 1), accumulate=True)
+        unigram = (counts.sum(0) + 1) / (counts.sum() + codebook_size)
+        bigram = counts / counts.sum(1, keepdim=True).clamp_min(1)
+        prev = torch.cat([p.reply[k][:-1] for p in val])
+        nxt = torch.cat([p.reply[k][1:] for p in val])
+        scores = [float(-torch.log(w * bigram[prev, nxt] + (1 - w) * unigram[nxt]).mean()) for w in weights]
+        best.append((min(scores), len(nxt)))
+    return sum(ce * n for ce, n in best) / sum(n for _, n in best)
+
+
+def training_stamp(params: Params, tokens_dir: Path, max_steps: int | None, world_size: int) -> dict:
+    """Everything a finished S2S run depends on: the tokens (so the codec), pairs, settings, code."""
+    import core.checkpoints, models.s2s_transformer, tasks.training.device, tasks.training.rng  # noqa: E401
+    import tasks.training.tokenize_corpus  # noqa: E401
+
+    return {"stage": "s2s", **corpus_fingerprint(params), "tokens": json.loads((tokens_dir / "stamp.json").read_text()),
+            "s2s": params.s2s.model_dump(mode="json"), "train": params.s2s_train.model_dump(mode="json"),
+            "max_steps": max_steps, "world_size": world_size,
+            "code": code_hash(models.s2s_transformer, tasks.training.tokenize_corpus, core.checkpoints,
+                              tasks.training.device, tasks.training.rng,
+                              sys.modules[__name__])}
+
+
+def train_s2s(params: Params, resume: bool = False, max_steps: int | None = None, track: bool = True,
+              force: bool = False, parent_run_id: str | None = None) -> S2STrainResult:
+    """Train (or, when a finished run has the same stamp and neither resume nor force is asked, reuse)."""
+    cfg = params.s2s_train
+    device = select_device(cfg.device)
+    dist_info = init_distributed(device)
+    out_dir = params.path(cfg.out_dir)
+    checkpoint_path = out_dir / "last.pt"
+    tokens_dir = tokenize_corpus(params) if dist_info.is_main else params.path(params.tokens.out_dir)
+    if dist_info.world_size > 1:
+        torch.distributed.barrier()
+    codec_config = json.loads((tokens_dir / "codec_config.json").read_text())
+    stamp = training_stamp(params, tokens_dir, max_steps, dist_info.world_size)
+    if not (resume or force) and (cached := cached_result(out_dir, stamp)) is not None:
+        return S2STrainResult(**{**cached, "cached": True})
+    if dist_info.is_main:
+        (out_dir / "stamp.json").unlink(missing_ok=True)  # the checkpoint is about to change
+    torch.manual_seed(cfg.seed)
+    config = s2s_config(params, codec_config)
+    model = S2STransformer(config).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.01)
+
+    step, run_id = 0, None
+    if resume and checkpoint_path.is_file():
+        state = load_checkpoint(checkpoint_path)
+        if state["config"] != asdict(config):
+            changed = sorted(k for k in state["config"] if state["config"][k] != asdict(config).get(k))
+            raise ValueError(f"checkpoint {checkpoint_path} was made with another S2S config "
+                             f"(differs in: {', '.join(changed)})")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, run_id = state["step"], state.get("run_id")
+        restore_rng(state["rng"])
+    elif resume:
+        raise FileNotFoundError(f"--resume asked for, but there is no checkpoint at {checkpoint_path}")
+
+    train_pairs = load_pairs(params, tokens_dir, "train")
+    val_pairs = load_pairs(params, tokens_dir, "val")
+    total = planned_steps(len(train_pairs), cfg.batch_size, dist_info.world_size, cfg.epochs,
+                          max_steps if max_steps is not None else cfg.max_steps)
+
+    net = DistributedDataParallel(model) if dist_info.world_size > 1 else model
+    tracker = RunTracker.for_training(params, "s2s", out_dir, dist_info.is_main, track, step, run_id,
+                                      parent_run_id)
+    started = time.monotonic()
+    with tracked(tracker):
+        tracker.log_params({**{f"s2s.{k}": v for k, v in asdict(config).items()},
+                            **{f"train.{k}": v for k, v in cfg.model_dump().items()},
+                            "profile": params.profile, "world_size": dist_info.world_size, "device": device.type,
+                            "parameters": model.num_parameters(), "train_pairs": len(train_pairs),
+                            "total_steps": total})
+        tracker.set_tags(run_tags(params, "s2s"))
+        bar = tqdm(total=total, initial=step, desc="train s2s", unit="step", disable=not dist_info.is_main)
+        window_start, window_tokens = time.monotonic(), 0
+        model.train()
+        while step < total:
+            generator = step_generator(cfg.seed, step, dist_info.rank)
+            indices = torch.randint(len(train_pairs), (cfg.batch_size,), generator=generator).tolist()
+            inputs, targets, speaker, emotion = make_batch(train_pairs, indices, config)
+            if config.guidable and cfg.condition_dropout > 0:  # the null condition guidance contrasts with
+                dropped = torch.rand(len(indices), generator=generator) < cfg.condition_dropout
+                speaker = speaker.masked_fill(dropped, config.null_speaker)
+                emotion = emotion.masked_fill(dropped, config.null_emotion)
+            inputs, targets, speaker, emotion = (t.to(device) for t in (inputs, targets, speaker, emotion))
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, total, cfg.lr, cfg.warmup_steps)
+            with autocast(device):
+                logits = net(inputs, speaker, emotion)
+            loss = model.loss(logits, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            step += 1
+            window_tokens += int((targets != config.pad_id).sum())
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total:
+                rate = window_tokens * dist_info.world_size / max(time.monotonic() - window_start, 1e-9)
+                tracker.log_metrics({"loss": float(loss), "perplexity": math.exp(min(float(loss), 50.0)),
+                                     "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": rate}, step)
+                bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{rate:.0f}")
+                window_start, window_tokens = time.monotonic(), 0
+            if dist_info.is_main and (step % cfg.checkpoint_every == 0 or step == total):
+                save_checkpoint(checkpoint_path, model=model.state_dict(), config=asdict(config),
+                                codec_config=codec_config, optimizer=optimizer.state_dict(), step=step,
+                                run_id=tracker.run_id)
+        bar.close()
+        seconds = time.monotonic() - started
+        if not dist_info.is_main:
+            return S2STrainResult(str(checkpoint_path), step, seconds, {}, {}, None)
+        metrics = evaluate_s2s(model, val_pairs, device)
+        metrics["bigram_cross_entropy"] = bigram_cross_entropy(train_pairs, val_pairs, config.codebook_size)
+        baselines = {"perplexity": float(config.codebook_size), "cross_entropy": math.log(config.codebook_size)}
+        tracker.log_metrics({"val_cross_entropy": metrics["cross_entropy"], "val_perplexity": metrics["perplexity"],
+                             "val_bigram_cross_entropy": metrics["bigram_cross_entropy"],
+                             "uniform_perplexity": baselines["perplexity"],
+                             **cost_metrics(seconds, device, params.cost, dist_info.world_size)}, step)
+        result = S2STrainResult(str(checkpoint_path), step, seconds, metrics, baselines, tracker.run_id)
+        atomic.write_json(out_dir / "result.json", asdict(result))
+        write_stamp(out_dir, stamp)  # after the result: a crash between leaves no false stamp
+        tracker.log_artifact(checkpoint_path, "checkpoints")
+        tracker.log_artifact(out_dir / "result.json")
+    return result
