@@ -108,10 +108,10 @@ class ReplySession:
             for frame in frames:
                 if frame.text is not None:
                     text_ids.append(int(frame.text[0]))
-                    self.reply_text = model.config.spoken_text(text_ids)
                 audio, decoder_state = self.bundle.codec.decode_step(frame.codes, decoder_state)
                 yield audio[0, 0].float().cpu().numpy()
         finally:
+            self.reply_text = self.bundle.s2s.config.spoken_text(text_ids)
             self._reset_turn()
 
     def reply(self, audio: np.ndarray) -> np.ndarray:
