@@ -201,12 +201,36 @@ class S2SModelConfig(_Section):
     dropout: float
     attention_dropout: float
     conditioning: Literal["slot", "every_step"]
+    text_stream: bool = False         # the reply's characters as a stream before the codebooks
+
+
+class LossWeights(_Section):
+    """Weight of each stream's tokens in the S2S loss (models.s2s_transformer.S2STransformer.loss)."""
+    text: float = 1.0                 # the text stream (a model with one)
+    codebook0: float = 1.0            # the coarse codebook: what is said and who says it
+    residual: float = 1.0             # codebooks 1..K-1
 
 
 class S2STrainConfig(_TrainConfig):
     warmup_steps: int
     max_turn_frames: int
     condition_dropout: float      # share of examples trained with the null speaker and emotion
+    loss_weights: LossWeights = LossWeights()
+
+
+class AlignConfig(_Section):
+    """The CTC aligner whose frame labels are the text stream's targets (tasks/training/align_corpus.py)."""
+    out_dir: Path
+    n_mels: int
+    channels: int
+    hidden: int
+    layers: int
+    kernel_size: int                  # of each block's depthwise conv, in 20 ms frames
+    dropout: float
+    batch_size: int
+    max_steps: int
+    lr: float                         # peak of the one-cycle schedule
+    seed: int
 
 
 class CodecGate(_Section):
@@ -380,6 +404,7 @@ class Params(_Section):
     tokens: TokensConfig
     s2s: S2SModelConfig
     s2s_train: S2STrainConfig
+    align: AlignConfig
     gates: GatesConfig
     latency: LatencyConfig
     evaluation: EvaluationConfig

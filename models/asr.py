@@ -96,6 +96,9 @@ class ConvBlock(nn.Module):
 class CtcRecognizer(nn.Module):
     """Log-mel -> x4 conv subsampling -> `layers` ConvBlocks -> per-frame log-probs over the vocabulary.
 
+    `subsample` 2 keeps 20 ms output frames (the second conv has stride 1): the rate of the codec,
+    which the text stream's aligner (tasks/training/align_corpus.py) labels frame by frame.
+
     Why convolutions and not a BiGRU: on one CPU thread a 2-layer BiGRU (hidden 192) took 0.5 s
     per batch of 16 utterances, almost all of it in the sequential recurrence; this conv stack of
     the same size takes ~0.3 s and reached a lower CER in the same wall time. Its receptive field
@@ -103,15 +106,18 @@ class CtcRecognizer(nn.Module):
     """
 
     def __init__(self, vocab: GraphemeVocab, n_mels: int = 80, channels: int = 192, hidden: int = 384,
-                 layers: int = 5, kernel_size: int = 11, dropout: float = 0.0) -> None:
+                 layers: int = 5, kernel_size: int = 11, dropout: float = 0.0, subsample: int = 4) -> None:
         super().__init__()
+        if subsample not in (2, 4):
+            raise ValueError(f"subsample must be 2 (20 ms frames) or 4 (40 ms), got {subsample}")
         self.vocab = vocab
         self.config = {"n_mels": n_mels, "channels": channels, "hidden": hidden, "layers": layers,
-                       "kernel_size": kernel_size, "dropout": dropout}
+                       "kernel_size": kernel_size, "dropout": dropout, "subsample": subsample}
+        self.strides = (2, subsample // 2)
         self.front = LogMel(n_mels)
         self.subsample = nn.Sequential(
             nn.Conv1d(n_mels, channels, 5, stride=2, padding=2), nn.GELU(),
-            nn.Conv1d(channels, channels, 5, stride=2, padding=2), nn.GELU())
+            nn.Conv1d(channels, channels, 5, stride=self.strides[1], padding=2), nn.GELU())
         self.blocks = nn.ModuleList(ConvBlock(channels, hidden, kernel_size, dropout) for _ in range(layers))
         self.head = nn.Linear(channels, len(vocab))
 
@@ -130,8 +136,8 @@ class CtcRecognizer(nn.Module):
         """(B, n_mels, frames) features -> ((T, B, V) log-probs, (B,) output lengths)."""
         x = self.subsample(feats)
         out_lengths = frames
-        for _ in range(2):  # a stride-2 conv with kernel 5 and padding 2 gives ceil(n / 2) frames
-            out_lengths = torch.div(out_lengths + 1, 2, rounding_mode="floor")
+        for stride in self.strides:  # a conv with kernel 5 and padding 2 gives ceil(n / stride) frames
+            out_lengths = torch.div(out_lengths + stride - 1, stride, rounding_mode="floor")
         out_lengths = out_lengths.clamp(1, x.shape[-1])
         mask = (torch.arange(x.shape[-1], device=x.device)[None] < out_lengths[:, None])[:, None].to(x.dtype)
         x = x * mask

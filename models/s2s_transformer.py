@@ -12,12 +12,22 @@ residual VQ. Why this pattern:
     to train, cache and stream; at our scale the delay pattern is the simpler fit.
 The price is K-1 steps of extra latency: a frame is complete K-1 steps after its first codebook.
 
+Text stream (`text_stream`, Moshi's "inner monologue"): one more stream in front of the codebooks,
+per frame the character the reply is speaking (ids of the aligner's vocabulary, `text_symbols`)
+or TEXT_PAD (0, no character starts or lasts here), from a CTC forced alignment of the transcript
+(tasks/training/align_corpus.py). It is at delay 0 and the codebooks one step later, so each
+frame's character is predicted before its audio, which then follows what the model "says". It
+has its own embedding and head; the user turn's text is TEXT_PAD (not known at inference). The
+streams are then S = K + 1, stream 0 the text; without it S = K, as in models before 2026-12.
+
 Per codebook the vocabulary is the codebook_size codes plus three special tokens (S2SConfig):
   PAD = codebook_size      fills the gaps of the delay pattern and pads batches; never a target
   BOS = codebook_size + 1  one column between the user's turn and the reply: "speak now"
   EOS = codebook_size + 2  a whole frame after the reply's last frame, delayed like any frame
+The text stream's ids are 0 (TEXT_PAD), 1..len(text_symbols) the characters, and TEXT_NONE =
+len(text_symbols) + 1, its PAD: outside the reply, never a target.
 
-A sequence (one row per codebook) is
+A sequence (one row per stream) is
   [conditioning slot] [user frames, delayed] [BOS] [reply frames + EOS frame, delayed]
 The conditioning slot is an ordinary position (its token is a PAD placeholder) whose embedding is
 replaced by speaker + emotion embeddings: tokens, logits and targets then share one index, and the
@@ -46,7 +56,9 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn import functional as F
 
-from models.delay_step import DelayState, DelayStepper
+from models.delay_step import TEXT_PAD, DelayState, DelayStepper
+
+ABSENT_LOGIT = -1e4  # the logit of an id a stream's vocabulary does not have (see S2STransformer._heads)
 
 try:  # an optional GPU kernel: the CPU path (torch SDPA) never needs it
     from flash_attn import flash_attn_func
@@ -69,10 +81,14 @@ class S2SConfig:
     n_emotions: int = 9  # core.labels.EMOTIONS
     conditioning: str = "slot"  # "slot": speaker + emotion at position 0 only (models before 2026-11-30);
                                 # "every_step": added to every position, with a null id for guidance
+    text_stream: bool = False   # the reply's characters as stream 0 (models before 2026-12: none)
+    text_symbols: str = ""      # the text stream's characters, id i + 1 for text_symbols[i]
 
     def __post_init__(self) -> None:
         if self.conditioning not in ("slot", "every_step"):
             raise ValueError(f"conditioning must be 'slot' or 'every_step', got {self.conditioning!r}")
+        if self.text_stream and not self.text_symbols:
+            raise ValueError("a text stream needs its characters (text_symbols, from the aligner's vocabulary)")
 
     @property
     def guidable(self) -> bool:
@@ -105,21 +121,54 @@ class S2SConfig:
         """Tokens per codebook: the codes and the three special tokens."""
         return self.codebook_size + 3
 
+    @property
+    def n_streams(self) -> int:
+        """Rows of a sequence: the codebooks, and the text in front of them when there is one."""
+        return self.n_codebooks + int(self.text_stream)
+
+    @property
+    def text_vocab_size(self) -> int:
+        """Ids the text head predicts: TEXT_PAD and the characters."""
+        return len(self.text_symbols) + 1
+
+    @property
+    def text_none_id(self) -> int:
+        return self.text_vocab_size
+
+    @property
+    def stream_pads(self) -> list[int]:
+        """Each stream's PAD: gaps, padding and every position that is not a target."""
+        return [self.text_none_id] * int(self.text_stream) + [self.pad_id] * self.n_codebooks
+
+    @property
+    def logit_width(self) -> int:
+        """Logits of all streams share one tensor, as wide as the widest vocabulary."""
+        return max(self.vocab_size, self.text_vocab_size) if self.text_stream else self.vocab_size
+
+    def spoken_text(self, ids: Sequence[int]) -> str:
+        """The text of a reply's per-frame character ids, CTC-collapsed: a character held over
+        several frames counts once, TEXT_PAD separates (so a doubled letter keeps both)."""
+        kept = [i for n, i in enumerate(ids) if i != TEXT_PAD and (n == 0 or ids[n - 1] != i)]
+        return "".join(self.text_symbols[i - 1] for i in kept if 0 < i <= len(self.text_symbols))
+
     def sequence_length(self, user_frames: int, reply_frames: int) -> int:
-        """Positions a pair takes (training inputs, or generation at most): 1 + (Tu + K - 1) + 1 +
-        (Tr + 1 + K - 1) tokens, less the last one, which is only ever a target."""
-        return user_frames + reply_frames + 2 * self.n_codebooks
+        """Positions a pair takes (training inputs, or generation at most): 1 + (Tu + S - 1) + 1 +
+        (Tr + 1 + S - 1) tokens, less the last one, which is only ever a target."""
+        return user_frames + reply_frames + 2 * self.n_streams
 
 
 # ---------------------------------------------------------------------------------------------
 # Delay pattern, training examples, batches
 
 
-def delay(codes: Tensor, pad: int) -> Tensor:
-    """(..., K, T) -> (..., K, T + K - 1): codebook k shifted right by k steps, gaps set to `pad`."""
+def delay(codes: Tensor, pad: int | Sequence[int]) -> Tensor:
+    """(..., K, T) -> (..., K, T + K - 1): row k shifted right by k steps, gaps set to `pad` (one
+    value, or one per row)."""
     n_codebooks, frames = codes.shape[-2:]
-    out = codes.new_full((*codes.shape[:-1], frames + n_codebooks - 1), pad)
+    pads = [pad] * n_codebooks if isinstance(pad, int) else list(pad)
+    out = codes.new_empty((*codes.shape[:-1], frames + n_codebooks - 1))
     for k in range(n_codebooks):
+        out[..., k, :] = pads[k]
         out[..., k, k : k + frames] = codes[..., k, :]
     return out
 
@@ -131,45 +180,69 @@ def undelay(delayed: Tensor) -> Tensor:
     return torch.stack([delayed[..., k, k : k + frames] for k in range(n_codebooks)], dim=-2)
 
 
-def build_training_example(
-    user_codes: Tensor, reply_codes: Tensor, config: S2SConfig
-) -> tuple[Tensor, Tensor, Tensor]:
-    """One (user turn, reply) pair as next-token inputs (K, L), targets (K, L) and loss mask (K, L).
+def with_text(codes: Tensor, text: Tensor | int, config: S2SConfig) -> Tensor:
+    """(..., K, T) codes as the model's (..., S, T) streams: the text row `text` ((..., T) ids or
+    one id) in front when the model has a text stream, the codes alone otherwise."""
+    if not config.text_stream:
+        return codes
+    row = codes.new_full((*codes.shape[:-2], 1, codes.shape[-1]), 0)
+    row[..., 0, :] = text
+    return torch.cat([row, codes], dim=-2)
 
-    Targets are the sequence shifted left by one, with every position outside the reply set to PAD,
-    so cross-entropy with ignore_index=PAD trains only the reply (its codes and its EOS frame); the
-    mask says the same thing for whoever wants to count tokens."""
+
+def prompt_tokens(user_codes: Tensor, config: S2SConfig) -> Tensor:
+    """The prompt (B, S, 1 + Tu + S - 1 + 1) of a reply to user codes (B, K, Tu): the conditioning
+    slot, the user's turn delayed (its text TEXT_PAD), and BOS (text: TEXT_NONE)."""
+    pads = torch.tensor(config.stream_pads, device=user_codes.device)
+    column = pads[None, :, None].expand(user_codes.shape[0], -1, 1)
+    bos = column.clone()
+    bos[:, int(config.text_stream):] = config.bos_id
+    return torch.cat([column, delay(with_text(user_codes.long(), TEXT_PAD, config), config.stream_pads), bos], dim=2)
+
+
+def build_training_example(
+    user_codes: Tensor, reply_codes: Tensor, config: S2SConfig, reply_text: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One (user turn, reply) pair as next-token inputs (S, L), targets (S, L) and loss mask (S, L).
+
+    Targets are the sequence shifted left by one, with every position outside the reply set to its
+    stream's PAD, so cross-entropy ignoring those trains only the reply (its codes, its characters
+    and its EOS frame); the mask says the same thing for whoever wants to count tokens. With a
+    text stream, `reply_text` (Tr,) holds the reply's character per frame; None (a segment without
+    a transcript) trains no text: its input is TEXT_PAD, its targets are ignored."""
     for name, codes in (("user_codes", user_codes), ("reply_codes", reply_codes)):
         if codes.dim() != 2:
             raise ValueError(f"{name} must be (n_codebooks, frames), got shape {tuple(codes.shape)}")
         _check_codes(name, codes, config)
-    n_codebooks, user_frames = user_codes.shape
-    length = config.sequence_length(user_frames, reply_codes.shape[1])
+    user_frames, reply_frames = user_codes.shape[1], reply_codes.shape[1]
+    if reply_text is not None and reply_text.shape != (reply_frames,):
+        raise ValueError(f"reply_text must be ({reply_frames},), one id per reply frame, got {tuple(reply_text.shape)}")
+    length = config.sequence_length(user_frames, reply_frames)
     if length > config.max_len:
         raise ValueError(f"pair needs {length} positions, more than max_len={config.max_len}")
-    user_codes, reply_codes = user_codes.long(), reply_codes.long()
-    pad, bos, eos = config.pad_id, config.bos_id, config.eos_id
-
-    def column(token: int) -> Tensor:
-        return user_codes.new_full((n_codebooks, 1), token)
-
-    reply = delay(torch.cat([reply_codes, column(eos)], dim=1), pad)
-    sequence = torch.cat([column(pad), delay(user_codes, pad), column(bos), reply], dim=1)
+    n_streams, pads = config.n_streams, config.stream_pads
+    eos_column = reply_codes.new_full((config.n_codebooks, 1), config.eos_id)
+    text = TEXT_PAD if reply_text is None else torch.cat([reply_text.long(), reply_text.new_zeros(1)])
+    reply = delay(with_text(torch.cat([reply_codes.long(), eos_column], dim=1), text, config), pads)
+    sequence = torch.cat([prompt_tokens(user_codes[None], config)[0], reply], dim=1)
     inputs, targets = sequence[:, :-1], sequence[:, 1:].clone()
-    targets[:, : user_frames + n_codebooks] = pad  # target j is token j + 1: the reply starts after BOS
-    return inputs, targets, targets != pad
+    ignore = torch.tensor(pads)[:, None]
+    targets[:, : user_frames + n_streams] = ignore  # target j is token j + 1: the reply starts after BOS
+    if config.text_stream and reply_text is None:
+        targets[0] = config.text_none_id
+    return inputs, targets, targets != ignore
 
 
 def collate_examples(
     examples: Sequence[tuple[Tensor, Tensor, Tensor]], config: S2SConfig
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Examples of `build_training_example` as (B, K, L) inputs, targets and mask, right-padded with
-    PAD. Right padding needs no attention mask: attention is causal, so no real position sees a pad,
-    and the pads' targets are PAD, which the loss ignores."""
+    """Examples of `build_training_example` as (B, S, L) inputs, targets and mask, right-padded with
+    each stream's PAD. Right padding needs no attention mask: attention is causal, so no real
+    position sees a pad, and the pads' targets are PAD, which the loss ignores."""
     length = max(inputs.shape[1] for inputs, _, _ in examples)
-    shape = (len(examples), config.n_codebooks, length)
-    inputs = torch.full(shape, config.pad_id, dtype=torch.long)
-    targets = torch.full(shape, config.pad_id, dtype=torch.long)
+    shape = (len(examples), config.n_streams, length)
+    pads = torch.tensor(config.stream_pads)[None, :, None].expand(shape)
+    inputs, targets = pads.clone(), pads.clone()
     mask = torch.zeros(shape, dtype=torch.bool)
     for i, (x, y, m) in enumerate(examples):
         inputs[i, :, : x.shape[1]], targets[i, :, : y.shape[1]], mask[i, :, : m.shape[1]] = x, y, m
@@ -191,6 +264,17 @@ def _check_codes(name: str, codes: Tensor, config: S2SConfig, upper: int | None 
         raise ValueError(f"{name} must be integer codes, got {codes.dtype}")
     if codes.numel() and (codes.min() < 0 or codes.max() >= upper):
         raise ValueError(f"{name} must lie in [0, {upper}), got values {codes.min().item()}..{codes.max().item()}")
+
+
+def _check_tokens(tokens: Tensor, config: S2SConfig) -> None:
+    """Model inputs (B, S, L): audio streams in [0, vocab_size), the text stream in [0, TEXT_NONE]."""
+    if tokens.dim() != 3 or tokens.shape[1] != config.n_streams:
+        raise ValueError(f"tokens must be (batch, {config.n_streams} streams, length), got shape {tuple(tokens.shape)}")
+    first = int(config.text_stream)
+    _check_codes("tokens", tokens[:, first:], config, upper=config.vocab_size)
+    text = tokens[:, 0]
+    if first and text.numel() and (text.min() < 0 or text.max() > config.text_none_id):
+        raise ValueError(f"text tokens must lie in [0, {config.text_none_id}], got {text.min().item()}..{text.max().item()}")
 
 
 def _check_ids(name: str, ids: Tensor, count: int, batch: int) -> None:
@@ -237,6 +321,14 @@ def attend(q: Tensor, k: Tensor, v: Tensor, start: int, dropout_p: float) -> Ten
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
     mask = torch.ones(length, start + length, dtype=torch.bool, device=q.device).tril(diagonal=start)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+@dataclass
+class ReplyFrame:
+    """One frame of a reply as generation yields it."""
+
+    codes: Tensor        # (B, K, 1) audio codes
+    text: Tensor | None  # (B,) the character id spoken in the frame (TEXT_PAD: none); None without a text stream
 
 
 @dataclass
@@ -373,6 +465,9 @@ class S2STransformer(nn.Module):
         self.heads = nn.ModuleList(
             nn.Linear(config.d_model, config.vocab_size, bias=False) for _ in range(config.n_codebooks)
         )
+        if config.text_stream:  # TEXT_NONE is an input only: the head predicts TEXT_PAD and characters
+            self.text_embedding = nn.Embedding(config.text_vocab_size + 1, config.d_model)
+            self.text_head = nn.Linear(config.d_model, config.text_vocab_size, bias=False)
         cos, sin = rotary_tables(config.d_model // config.n_heads, config.max_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -417,9 +512,7 @@ class S2STransformer(nn.Module):
         the row's cache; returns the last hidden state (1, 1, d_model), the input of the first step."""
         _check_codes("user_codes", user_codes, self.config)
         self._check_conditioning(speaker, emotion, 1)
-        pad, bos = self.config.pad_id, self.config.bos_id
-        column = torch.full((1, self.config.n_codebooks, 1), pad, dtype=torch.long, device=user_codes.device)
-        prompt = torch.cat([column, delay(user_codes.long(), pad), column.clone().fill_(bos)], dim=2)
+        prompt = prompt_tokens(user_codes, self.config)
         view = cache.row_view(row)
         view.length = 0
         hidden = self._hidden(prompt, speaker, emotion, view)[:, -1:]
@@ -428,12 +521,12 @@ class S2STransformer(nn.Module):
         return hidden
 
     def step_rows(self, cache: SlotCache, rows: slice, tokens: Tensor) -> Tensor:
-        """Append one column of tokens (n, K, 1) to each row of `rows`, each at its own position;
+        """Append one column of tokens (n, S, 1) to each row of `rows`, each at its own position;
         returns the new hidden states (n, 1, d_model). Equals `forward` with a KVCache per row."""
         positions = cache.lengths[rows]
         if int(positions.max()) >= cache.capacity:
             raise ValueError(f"a row reached the cache capacity of {cache.capacity} positions")
-        x = sum(embedding(tokens[:, k]) for k, embedding in enumerate(self.embeddings))
+        x = self._embed(tokens)
         if self.config.conditioning == "every_step":
             x = x + cache.condition[rows][:, None].to(x.dtype)
         cos, sin = self.rope_cos[positions][:, None, None], self.rope_sin[positions][:, None, None]
@@ -445,26 +538,36 @@ class S2STransformer(nn.Module):
         return self.norm(x)
 
     def logits(self, hidden: Tensor) -> Tensor:
-        """Next-token logits (B, K, V) from the last hidden state (B, 1, d_model)."""
+        """Next-token logits (B, S, W) from the last hidden state (B, 1, d_model)."""
         return self._heads(hidden)[:, :, -1]
 
     def forward(self, tokens: Tensor, speaker: Tensor, emotion: Tensor, cache: KVCache | None = None) -> Tensor:
-        """Logits (B, K, L, V) of the next token for each of the L positions of `tokens` (B, K, L).
+        """Logits (B, S, L, W) of the next token for each of the L positions of `tokens` (B, S, L).
 
         Without a cache, `tokens` is a whole sequence from position 0 (its first column is the
         conditioning slot). With one, they are the next positions after those already in the cache,
         which they are appended to. speaker and emotion (B,) are used at position 0 only."""
-        if tokens.dim() != 3:
-            raise ValueError(f"tokens must be (batch, n_codebooks, length), got shape {tuple(tokens.shape)}")
-        _check_codes("tokens", tokens, self.config, upper=self.config.vocab_size)
+        _check_tokens(tokens, self.config)
         self._check_conditioning(speaker, emotion, tokens.shape[0])
         if cache is not None and cache.keys[0].shape[0] != tokens.shape[0]:
             raise ValueError(f"cache holds {cache.keys[0].shape[0]} sequences, tokens {tokens.shape[0]}")
         return self._heads(self._hidden(tokens, speaker, emotion, cache))
 
-    def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
-        """Mean cross-entropy over the non-PAD targets (B, K, L); its exp is the perplexity."""
-        return F.cross_entropy(logits.flatten(0, 2).float(), targets.flatten(), ignore_index=self.config.pad_id)
+    def stream_losses(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """Summed cross-entropy (S,) and number of targets (S,) per stream, each stream's PAD ignored."""
+        pads = torch.tensor(self.config.stream_pads, device=targets.device)[None, :, None]
+        targets = targets.masked_fill(targets == pads, -100)
+        ce = F.cross_entropy(logits.flatten(0, 2).float(), targets.flatten(), reduction="none")
+        return ce.view(targets.shape).sum((0, 2)), (targets != -100).sum((0, 2))
+
+    def loss(self, logits: Tensor, targets: Tensor, weights: Sequence[float] | None = None) -> Tensor:
+        """Mean cross-entropy over the non-PAD targets (B, S, L), each stream's tokens weighted by
+        `weights` (S,) (equal by default: then its exp is the perplexity)."""
+        sums, counts = self.stream_losses(logits, targets)
+        if weights is None:
+            return sums.sum() / counts.sum().clamp_min(1)
+        w = torch.tensor(weights, dtype=sums.dtype, device=sums.device)
+        return (w * sums).sum() / (w * counts).sum().clamp_min(1)
 
     def _check_conditioning(self, speaker: Tensor, emotion: Tensor, batch: int) -> None:
         """Ids of the model's speakers and emotions; a guidable model also takes the null ids."""
@@ -483,7 +586,7 @@ class S2STransformer(nn.Module):
         limit = self.config.max_len if cache is None else cache.capacity
         if start + length > limit:
             raise ValueError(f"positions {start}..{start + length - 1} exceed the {limit} available")
-        x = sum(embedding(tokens[:, k]) for k, embedding in enumerate(self.embeddings))
+        x = self._embed(tokens)
         condition = self.condition(speaker, emotion)
         if self.config.conditioning == "every_step":  # every position hears the voice it speaks in
             x = x + condition[:, None]
@@ -497,10 +600,22 @@ class S2STransformer(nn.Module):
             cache.length += length
         return self.norm(x)
 
-    def _heads(self, hidden: Tensor) -> Tensor:
-        return torch.stack([head(hidden) for head in self.heads], dim=1)
+    def _embed(self, tokens: Tensor) -> Tensor:
+        """(B, S, L) tokens -> (B, L, d_model): the sum of their streams' embeddings."""
+        first = int(self.config.text_stream)
+        x = sum(embedding(tokens[:, first + k]) for k, embedding in enumerate(self.embeddings))
+        return x + self.text_embedding(tokens[:, 0]) if first else x
 
-    @torch.inference_mode()
+    def _heads(self, hidden: Tensor) -> Tensor:
+        """(B, L, d_model) -> (B, S, L, W) logits. A stream's ids beyond its vocabulary get ABSENT_LOGIT:
+        finite, so guidance's difference of two logits stays a number; never sampled, never a target."""
+        audio = torch.stack([head(hidden) for head in self.heads], dim=1)
+        if not self.config.text_stream:
+            return audio
+        width = self.config.logit_width
+        text = F.pad(self.text_head(hidden)[:, None], (0, width - self.config.text_vocab_size), value=ABSENT_LOGIT)
+        return torch.cat([text, F.pad(audio, (0, width - self.config.vocab_size), value=ABSENT_LOGIT)], dim=1)
+
     def generate(
         self,
         user_codes: Tensor,
@@ -513,25 +628,44 @@ class S2STransformer(nn.Module):
         min_frames: int = 0,
         guidance: float = 1.0,
     ) -> Iterator[Tensor]:
-        """Speak the reply to `user_codes` (B, K, Tu): yields frames (B, K, 1) of codes as soon as
-        each is complete, until every sequence has ended (EOS) or `max_frames` were yielded.
+        """The audio of `reply_frames`: frames (B, K, 1) of codes as soon as each is complete."""
+        for frame in self.reply_frames(user_codes, speaker, emotion, max_frames, temperature, top_k, generator,
+                                       min_frames, guidance):
+            yield frame.codes
 
-        A sequence that has ended gets PAD (= codebook_size) in the frames the others still yield.
-        temperature=0 or top_k=1 is greedy. EOS is not sampled before `min_frames` frames (a
-        reply is never empty when min_frames >= 1). Codebook 0 may sample codes or EOS, the others codes
-        only: their delay gaps and their EOS follow from codebook 0's (models.delay_step, the rule
-        the serving engine steps its rows with too). guidance > 1 is classifier-free guidance
-        (a guidable model only): logits = unconditioned + guidance x (conditioned - unconditioned),
-        from a second pass with the null speaker and emotion, so the reply follows the voice
-        controls more closely at twice the compute. Dropout is active in training mode, so call
-        model.eval() first."""
+    @torch.inference_mode()
+    def reply_frames(
+        self,
+        user_codes: Tensor,
+        speaker: Tensor,
+        emotion: Tensor,
+        max_frames: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        min_frames: int = 0,
+        guidance: float = 1.0,
+    ) -> Iterator[ReplyFrame]:
+        """Speak the reply to `user_codes` (B, K, Tu): yields each frame (codes (B, K, 1), and
+        with a text stream the character ids (B,) said in it) as soon as it is complete, until
+        every sequence has ended (EOS) or `max_frames` were yielded.
+
+        A sequence that has ended gets PAD (= codebook_size) in the frames the others still yield
+        (and TEXT_PAD as its text). temperature=0 or top_k=1 is greedy. EOS is not sampled before
+        `min_frames` frames (a reply is never empty when min_frames >= 1). Codebook 0 may sample
+        codes or EOS, the others codes only: their delay gaps and their EOS follow from codebook
+        0's (models.delay_step, the rule the serving engine steps its rows with too). guidance > 1
+        is classifier-free guidance (a guidable model only): logits = unconditioned + guidance x
+        (conditioned - unconditioned), from a second pass with the null speaker and emotion, so
+        the reply follows the voice controls more closely at twice the compute. Dropout is active
+        in training mode, so call model.eval() first."""
         config = self.config
         if user_codes.dim() != 3:
             raise ValueError(
                 f"user_codes must be (batch, n_codebooks, frames), got shape {tuple(user_codes.shape)}"
             )
         _check_codes("user_codes", user_codes, config)
-        batch, n_codebooks, user_frames = user_codes.shape
+        batch, _, user_frames = user_codes.shape
         self._check_conditioning(speaker, emotion, batch)
         if max_frames < 1:
             raise ValueError(f"max_frames must be at least 1, got {max_frames}")
@@ -549,31 +683,28 @@ class S2STransformer(nn.Module):
                 f"positions, max_len is {config.max_len}: "
                 + (f"at most {room} reply frames fit" if room > 0 else "the user turn is too long")
             )
-        pad, bos = config.pad_id, config.bos_id
         device = user_codes.device
         if guided:  # rows B.. are the same prompts without a condition
             speaker = torch.cat([speaker, torch.full_like(speaker, config.null_speaker)])
             emotion = torch.cat([emotion, torch.full_like(emotion, config.null_emotion)])
             user_codes = torch.cat([user_codes, user_codes])
-        rows = user_codes.shape[0]
-        cache = self.init_cache(rows, positions)
-        column = torch.full((rows, n_codebooks, 1), pad, dtype=torch.long, device=device)
-        prompt = torch.cat([column, delay(user_codes.long(), pad), column.clone().fill_(bos)], dim=2)
-        hidden = self._hidden(prompt, speaker, emotion, cache)[:, -1:]
+        cache = self.init_cache(user_codes.shape[0], positions)
+        hidden = self._hidden(prompt_tokens(user_codes, config), speaker, emotion, cache)[:, -1:]
 
         stepper = DelayStepper(config, device)
-        state = DelayState.empty(batch, n_codebooks, device)
+        state = DelayState.empty(batch, config.n_streams, device)
         state.begin(slice(None), min_frames, max_frames)
-        for _ in range(max_frames + n_codebooks):  # a bound: every row has ended by then
+        for _ in range(max_frames + config.n_streams):  # a bound: every row has ended by then
             logits = self.logits(hidden)
             if guided:
                 conditioned, free = logits[:batch], logits[batch:]
                 logits = free + guidance * (conditioned - free)
             out = stepper.step(state, logits, temperature, top_k, generator)
             if out.emitted.any():
-                yield out.frames.masked_fill(~out.emitted[:, None], pad)[:, :, None]
+                codes = out.frames.masked_fill(~out.emitted[:, None], config.pad_id)[:, :, None]
+                text = None if out.text is None else out.text.masked_fill(~out.emitted, TEXT_PAD)
+                yield ReplyFrame(codes, text)
             if out.ended.all():
                 return
             tokens = out.tokens[:, :, None]
             hidden = self._hidden(torch.cat([tokens, tokens]) if guided else tokens, speaker, emotion, cache)
-

@@ -220,7 +220,7 @@ class SocketSession:
                     self.state.metrics.replies.inc()
                     self.state.latencies_ms.append(item.metrics["first_audio_ms"])
                     self.state.metrics.first_audio.observe(item.metrics["first_audio_ms"] / 1000)
-                    item = {"type": "reply_end", "metrics": item.metrics}
+                    item = {"type": "reply_end", "metrics": item.metrics, "text": item.text}
                 else:
                     self.replying = False
                     item = {"type": "error", "code": item.code, "message": item.message}

@@ -94,6 +94,7 @@ class ReplyEvent:
     kind: str                          # "audio" | "end" | "error"
     pcm: np.ndarray | None = None      # float32 samples of one codec frame
     metrics: dict[str, float] | None = None
+    text: str = ""                     # "end": the reply's own text (a model with a text stream)
     code: str = ""
     message: str = ""
 
@@ -114,6 +115,7 @@ class Conversation:
     row: int | None = None             # its row in the SlotCache while replying
     first_audio_at: float | None = None
     frames_out: int = 0
+    text_ids: list[int] = field(default_factory=list)  # the reply's character per frame (text stream)
     discard: bool = False              # the turn was refused: drop its audio until the next turn
 
 
@@ -137,7 +139,7 @@ class Engine:
         self.cache = self.s2s.init_slots(2 * max_sessions if self.guided else max_sessions)
         self.hidden = torch.zeros(self.cache.rows, 1, config.d_model, device=self.device)
         self.owner: list[Conversation | None] = [None] * max_sessions
-        self.delay = DelayState.empty(max_sessions, config.n_codebooks, self.device)  # aligned with KV rows
+        self.delay = DelayState.empty(max_sessions, config.n_streams, self.device)  # aligned with KV rows
         self.stepper = DelayStepper(config, self.device)
         self.live = 0                              # rows 0..live-1 are replying
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -355,7 +357,7 @@ class Engine:
                                                      torch.full_like(emotion, config.null_emotion))[0]
         self.delay.begin(row, prompt.min_frames, prompt.reply_frames)
         self.decoder_states.reset(row)
-        c.first_audio_at, c.frames_out = None, 0
+        c.first_audio_at, c.frames_out, c.text_ids = None, 0, []
 
     def _step(self, rows: slice) -> list[int]:
         """One generation step for `rows` (models.delay_step): sample, emit completed frames,
@@ -370,6 +372,9 @@ class Engine:
                                 self.generator)
         emitting = torch.nonzero(out.emitted).flatten()
         if len(emitting):
+            if out.text is not None:
+                for i, text_id in zip(emitting.tolist(), out.text[emitting].tolist()):
+                    self.owner[rows.start + i].text_ids.append(text_id)
             self._decode([rows.start + i for i in emitting.tolist()], out.frames[emitting][:, :, None])
         self.hidden[rows] = self.s2s.step_rows(self.cache, rows, out.tokens[:, :, None])
         if self.guided:
@@ -398,7 +403,8 @@ class Engine:
                 c.emit(ReplyEvent("end", metrics={
                     "first_audio_ms": (c.first_audio_at - c.end_at) * 1000,
                     "reply_seconds": seconds, "frames": c.frames_out,
-                    "reply_realtime_factor": seconds / max(time.perf_counter() - c.end_at, 1e-9)}))
+                    "reply_realtime_factor": seconds / max(time.perf_counter() - c.end_at, 1e-9)},
+                    text=self.s2s.config.spoken_text(c.text_ids)))
             c.row = None
             self._reset_turn(c)
         last = self.live - 1

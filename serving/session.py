@@ -49,6 +49,7 @@ class ReplySession:
             self.generator.manual_seed(seed)
         self.set_voice(speaker, emotion)
         self.hop = bundle.codec.hop_length
+        self.reply_text = ""  # what the last reply said (a model with a text stream), CTC-collapsed
         self._reset_turn()
 
     def set_voice(self, speaker: str, emotion: str) -> None:
@@ -89,8 +90,9 @@ class ReplySession:
         """Stream the reply: float32 chunks of one codec frame each, as soon as each is decoded.
 
         The turn is over when the generator is exhausted or closed; the session is then ready
-        for the next utterance.
+        for the next utterance, and `reply_text` holds what the reply said.
         """
+        self.reply_text, text_ids = "", []
         try:
             hop = last_hop(self.pending, self.hop)
             if hop is not None:
@@ -100,12 +102,16 @@ class ReplySession:
             speaker = torch.tensor([self.speaker_id], device=self.device)
             emotion = torch.tensor([self.emotion_id], device=self.device)
             decoder_state = self.bundle.codec.init_decoder_state(1)
-            frames = model.generate(prompt.user, speaker, emotion, prompt.reply_frames, self.settings.temperature,
-                                    self.settings.top_k, self.generator, prompt.min_frames, self.settings.guidance)
+            frames = model.reply_frames(prompt.user, speaker, emotion, prompt.reply_frames,
+                                        self.settings.temperature, self.settings.top_k, self.generator,
+                                        prompt.min_frames, self.settings.guidance)
             for frame in frames:
-                audio, decoder_state = self.bundle.codec.decode_step(frame, decoder_state)
+                if frame.text is not None:
+                    text_ids.append(int(frame.text[0]))
+                audio, decoder_state = self.bundle.codec.decode_step(frame.codes, decoder_state)
                 yield audio[0, 0].float().cpu().numpy()
         finally:
+            self.reply_text = self.bundle.s2s.config.spoken_text(text_ids)
             self._reset_turn()
 
     def reply(self, audio: np.ndarray) -> np.ndarray:

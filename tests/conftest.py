@@ -87,7 +87,7 @@ def require_tool(name: str, found: bool, why: str) -> None:
     pytest.skip(message)
 
 
-def _export_tiny_bundle(root: Path, codec, s2s_config, scale_speaker: float = 1.0) -> Path:
+def _export_tiny_bundle(root: Path, codec, s2s_config, scale_speaker: float = 1.0, scale_text: float = 1.0) -> Path:
     import torch
 
     from models.s2s_transformer import S2STransformer
@@ -96,6 +96,8 @@ def _export_tiny_bundle(root: Path, codec, s2s_config, scale_speaker: float = 1.
     s2s = S2STransformer(s2s_config)
     with torch.no_grad():
         s2s.speaker_embedding.weight.mul_(scale_speaker)
+        if s2s_config.text_stream:
+            s2s.text_head.weight.mul_(scale_text)
     torch.save({"config": codec.config_dict(), "model": codec.state_dict()}, root / "codec.pt")
     torch.save({"config": asdict(s2s_config), "codec_config": codec.config_dict(), "model": s2s.state_dict()},
                root / "s2s.pt")
@@ -108,19 +110,37 @@ def bundle_dir(tmp_path_factory: pytest.TempPathFactory, one_thread) -> Path:
     quantizer fitted on speech, and an S2S model conditioned at every step (guidable), whose
     speaker embeddings are scaled up so its replies depend on the voice. The serving, load-test
     and demo-page tests' model."""
+    from models.s2s_transformer import S2SConfig
+
+    s2s_config = S2SConfig(n_codebooks=2, codebook_size=16, d_model=16, n_layers=1, n_heads=2, max_len=128,
+                           conditioning="every_step")
+    return _export_tiny_bundle(tmp_path_factory.mktemp("bundle"), _tiny_mel_codec(), s2s_config, scale_speaker=20.0)
+
+
+def _tiny_mel_codec():
+    """TeluCodec v2 at 2 x 16 codes, its quantizer fitted on a sentence of speech."""
     import torch
 
     from models.mel_codec import MelCodec, MelCodecConfig
-    from models.s2s_transformer import S2SConfig
 
     torch.manual_seed(0)
     codec = MelCodec(MelCodecConfig(n_codebooks=2, codebook_size=16, vocoder_dim=16, vocoder_layers=1))
     wav = torch.from_numpy(speak("నమస్కారం, మీరు ఎలా ఉన్నారు? సాయంత్రం ఐదు గంటలకు వస్తుంది."))[None, None]
     codec.fit_normalization(codec.front_end(codec._pad(wav))[0].t())
     codec.fit_quantizer(codec.normalized_mel(wav)[0].t(), iterations=3)
+    return codec
+
+
+@pytest.fixture(scope="module")
+def text_bundle_dir(tmp_path_factory: pytest.TempPathFactory, one_thread) -> Path:
+    """The shipped kind with a text stream: a tiny random bundle whose text head is scaled up, so
+    that it says characters (random ones) beside its babble."""
+    from models.s2s_transformer import S2SConfig
+
     s2s_config = S2SConfig(n_codebooks=2, codebook_size=16, d_model=16, n_layers=1, n_heads=2, max_len=128,
-                           conditioning="every_step")
-    return _export_tiny_bundle(tmp_path_factory.mktemp("bundle"), codec, s2s_config, scale_speaker=20.0)
+                           conditioning="every_step", text_stream=True, text_symbols="అనమరంకా")
+    return _export_tiny_bundle(tmp_path_factory.mktemp("bundle-text"), _tiny_mel_codec(), s2s_config,
+                               scale_speaker=20.0, scale_text=30.0)
 
 
 @pytest.fixture(scope="module")
@@ -139,9 +159,10 @@ def v1_bundle_dir(tmp_path_factory: pytest.TempPathFactory, one_thread) -> Path:
 
 
 def run_engine(engine, utterances: list[np.ndarray], stagger: bool, speaker: str = "male_mature",
-               emotion: str = "thinking") -> list[np.ndarray]:
+               emotion: str = "thinking", texts: dict[int, str] | None = None) -> list[np.ndarray]:
     """Replies of a started serving Engine to each utterance (one session each), optionally
-    started at staggered times so rows finish out of order and are moved around."""
+    started at staggered times so rows finish out of order and are moved around; `texts`, when
+    given, receives each reply's text (by utterance index)."""
     import threading
     import time
 
@@ -154,6 +175,8 @@ def run_engine(engine, utterances: list[np.ndarray], stagger: bool, speaker: str
             if event.kind == "audio":
                 outputs[index].append(event.pcm)
             elif event.kind == "end":
+                if texts is not None:
+                    texts[index] = event.text
                 ends.append(index)
                 if len(ends) == len(utterances):
                     finished.set()
@@ -185,6 +208,7 @@ TINY = {  # a model small enough to train in seconds on the CPU
     "codec_train": {"batch_size": 2, "crop_seconds": 0.4, "log_every": 1, "checkpoint_every": 4, "eval_items": 2,
                     "max_steps": 40, "kmeans_iterations": 3, "unseen_items": 2},
     "s2s": {"d_model": 32, "n_layers": 1, "n_heads": 2, "max_len": 256},
+    "align": {"channels": 16, "hidden": 16, "layers": 1, "batch_size": 4, "max_steps": 4},
     "s2s_train": {"batch_size": 2, "log_every": 1, "checkpoint_every": 4, "max_steps": 6, "warmup_steps": 2,
                   "max_turn_frames": 60},
     "evaluation": {"threads": 1, "asr": {"channels": 16, "hidden": 16, "layers": 1, "batch_size": 4, "max_steps": 4},

@@ -13,7 +13,8 @@ from core.labels import EMOTIONS, SPEAKERS
 from tasks.data.sources import Source, SourcesError
 from tasks.data.transcripts import attach_text, segment_text
 from tasks.evaluation.gates import quality_gate
-from tasks.evaluation.model_quality import confusion, per_label_recall, quality_markdown, working_labels
+from tasks.evaluation.model_quality import (Clip, Judges, confusion, judge, per_label_recall, quality_markdown,
+                                           working_labels)
 from tasks.release.signoff import render_report
 
 TURNS = [{"start": 1.0, "end": 3.0, "text": "మొదటి"}, {"start": 3.5, "end": 5.0, "text": "రెండవ"},
@@ -110,3 +111,33 @@ def test_the_signoff_report_shows_each_quality_item_with_its_ceiling_verdict_and
     assert "not measured yet" not in text
     bare = render_report({**info, "evaluation": {"metrics": {}, "gates": {}}}, ["technical_lead"])
     assert "| MOS > 4.0 | >= 4 | — | — not measured |" in bare
+
+
+def test_intelligibility_is_the_cer_against_what_the_reply_says_it_spoke():
+    """A model with a text stream: each reply is heard against its own text (intelligibility); the
+    CER against the corpus's reply stays, labelled appropriateness in the report."""
+    import numpy as np
+
+    class Fake:
+        def transcribe(self, clips):
+            return ["అమ్మ"] * len(clips)
+
+        def score(self, audio):
+            return {"dnsmos_p808": 2.0}
+
+        def predict(self, clips):
+            return ["neutral"] * len(clips)
+
+    audio = np.zeros(8000, dtype=np.float32)
+    replies = [Clip(audio, "నాన్న", "male_young", "neutral", (), said="అమ్మ"),
+               Clip(audio, "", "male_young", "happy", (), said="అమ్మా")]
+    figures, _ = judge(replies, Judges(Fake(), Fake(), Fake(), Fake()))
+    assert figures["intelligibility_cer"] == pytest.approx(1 / 9) and figures["cer"] == pytest.approx(4 / 5)
+    plain, _ = judge([Clip(audio, "నాన్న", "male_young", "neutral", ())], Judges(Fake(), Fake(), Fake(), Fake()))
+    assert "intelligibility_cer" not in plain, "no text stream: no intelligibility"
+    report = _report()
+    assert "appropriateness" not in quality_markdown(report)
+    report["sets"]["replies"]["intelligibility_cer"] = 0.25
+    text = quality_markdown(report)
+    assert "| CER (Telugu code points) | 0.080 | 0.400 | 0.250 |" in text
+    assert "| appropriateness: CER against the corpus's reply | — | — | 0.950 |" in text

@@ -24,7 +24,7 @@
     state: 'loading', config: null, session: null, speaker: null, emotion: null, voice: null,
     chunksSent: 0, samplesSent: 0, chunksDropped: 0,
     framesReceived: 0, samplesScheduled: 0, samplesPlayed: 0, underruns: 0,
-    repliesDone: 0, lastFirstAudioMs: null, lastReplyMetrics: null, stats: null, errors: [],
+    repliesDone: 0, lastFirstAudioMs: null, lastReplyMetrics: null, lastReplyText: null, stats: null, errors: [],
   };
 
   let config = null;
@@ -329,6 +329,8 @@
         break;
       case 'reply_end': {
         const m = demo.lastReplyMetrics = message.metrics || {};
+        demo.lastReplyText = message.text || '';
+        $('reply-text').textContent = demo.lastReplyText || '-';
         demo.repliesDone += 1;
         endOfUtteranceAt = null;
         awaitingFirstFrame = false;

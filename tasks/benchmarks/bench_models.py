@@ -24,7 +24,7 @@ from core.checkpoints import load_checkpoint
 from core.config import Params
 from models.codec import TeluCodec
 from models.codecs import Codec, codec_from_config
-from models.s2s_transformer import S2SConfig, S2STransformer
+from models.s2s_transformer import S2SConfig, S2STransformer, prompt_tokens
 from tasks.training.tokenize_corpus import load_codec
 
 
@@ -170,7 +170,10 @@ def trained_s2s(params: Params) -> tuple[S2STransformer, str]:
         model.load_state_dict(state["model"])
         return model.eval(), str(checkpoint)
     codec = params.codec
-    config = S2SConfig(n_codebooks=codec.n_codebooks, codebook_size=codec.codebook_size, **params.s2s.model_dump())
+    # an untrained text stream gets the Telugu Unicode block as its characters (an aligner's are ~60 of them)
+    symbols = "".join(map(chr, range(0x0C00, 0x0C80))) if params.s2s.text_stream else ""
+    config = S2SConfig(n_codebooks=codec.n_codebooks, codebook_size=codec.codebook_size, **params.s2s.model_dump(),
+                       text_symbols=symbols)
     return S2STransformer(config).eval(), "untrained (params.yaml)"
 
 
@@ -179,10 +182,7 @@ def _no_cache_frames(model: S2STransformer, user: torch.Tensor, speaker: torch.T
                      steps: int) -> None:
     """Baseline: greedy steps that recompute the whole sequence every time (no KV cache)."""
     config = model.config
-    batch = user.shape[0]
-    tokens = torch.full((batch, config.n_codebooks, 1), config.pad_id)
-    body = torch.cat([tokens, torch.full_like(user, config.pad_id), torch.full_like(tokens, config.bos_id)], dim=-1)
-    body[..., 1:1 + user.shape[-1]] = user
+    body = prompt_tokens(user, config)
     for _ in range(steps):
         logits = model(body, speaker, emotion)[..., -1, : config.codebook_size]
         body = torch.cat([body, logits.argmax(-1, keepdim=True)], dim=-1)

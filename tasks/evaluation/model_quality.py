@@ -12,7 +12,9 @@ each judged by the same evaluators:
   emotions (in the pair's reply speaker) and every one of the 4 speakers (in the pair's reply
   emotion). Emotion and speaker control are the share of replies the classifiers recognise as
   the requested label; the CER compares replies spoken in the pair's own emotion with the text
-  of the corpus's reply.
+  of the corpus's reply: how close the reply is to what the corpus answers ("appropriateness").
+  A model with a text stream also says what it spoke: intelligibility is then the recognizer's
+  CER on every reply against that text (what a listener recovers of what the model meant to say).
 
 The evaluators (tasks.evaluation.train_asr, tasks.evaluation.train_classifier) are trained once per corpus version and
 reused (their stamps hold the corpus hash); MOS comes from DNSMOS and DistillMOS, whose weights
@@ -59,6 +61,7 @@ class Clip:
     speaker: str
     emotion: str
     judged_for: tuple[str, ...] = ("emotion", "speaker")  # which control figures this clip counts in
+    said: str = ""   # a reply's own text (a model with a text stream): what intelligibility is judged against
 
 
 @dataclass(frozen=True)
@@ -212,14 +215,17 @@ def generate_replies(bundle: ModelBundle, requests: list[ReplyRequest], params: 
         user = user[:, :, -room:].expand(len(conditions), -1, -1)
         speaker = torch.tensor([SPEAKERS.index(s) for s, _, _ in conditions])
         emotion = torch.tensor([EMOTIONS.index(e) for _, e, _ in conditions])
-        frames = torch.cat(list(model.generate(user, speaker, emotion, max_frames, settings.temperature,
-                                               settings.top_k, generator, min_frames, settings.guidance)), dim=-1)
+        steps = list(model.reply_frames(user, speaker, emotion, max_frames, settings.temperature, settings.top_k,
+                                        generator, min_frames, settings.guidance))
+        frames = torch.cat([step.codes for step in steps], dim=-1)
         for row, (spk, emo, sweeps) in enumerate(conditions):
             ended = (frames[row, 0] == model.config.pad_id).nonzero()
             length = int(ended[0]) if len(ended) else frames.shape[-1]
             audio = codec.decode(frames[row: row + 1, :, :length])[0, 0].numpy() if length else np.zeros(0, np.float32)
             text = request.reply_text if emo == request.reply_emotion else ""  # the corpus reply says this
-            replies.append(Clip(np.ascontiguousarray(audio), text, spk, emo, sweeps))
+            said = (model.config.spoken_text([int(step.text[row]) for step in steps[:length]])
+                    if model.config.text_stream else "")
+            replies.append(Clip(np.ascontiguousarray(audio), text, spk, emo, sweeps, said))
     return replies
 
 
@@ -253,11 +259,15 @@ def judge(clips: list[Clip], judges: Judges) -> tuple[dict[str, float], dict[str
         return figures, {}
     audio = [np.clip(c.audio, -1.0, 1.0) for c in scorable]
     figures |= judges.mos.score(audio)
-    with_text = [(a, c.text) for a, c in zip(audio, scorable) if c.text]
+    heard = [(a, c) for a, c in zip(audio, scorable) if c.text or c.said]
+    hyps = judges.recognizer.transcribe([a for a, _ in heard]) if heard else []
+    with_text = [(h, c.text) for h, (_, c) in zip(hyps, heard) if c.text]
     if with_text:
-        hyps = judges.recognizer.transcribe([a for a, _ in with_text])
-        figures["cer"] = cer(hyps, [t for _, t in with_text])
+        figures["cer"] = cer([h for h, _ in with_text], [t for _, t in with_text])
         figures["telugu_accuracy"] = max(0.0, 1.0 - figures["cer"])
+    with_said = [(h, c.said) for h, (_, c) in zip(hyps, heard) if c.said]
+    if with_said:  # the reply against its own text: intelligibility
+        figures["intelligibility_cer"] = cer([h for h, _ in with_said], [t for _, t in with_said])
     matrices = {}
     for kind, judge_of, labels in (("emotion", judges.emotion, EMOTIONS), ("speaker", judges.speaker, SPEAKERS)):
         judged = [(a, getattr(c, kind)) for a, c in zip(audio, scorable) if kind in c.judged_for]
@@ -383,11 +393,18 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
     """figure | corpus audio (ceiling) | codec round trip | generated replies."""
     sets = report["sets"]
     reply_key = {"emotion_accuracy": "emotion_control", "speaker_accuracy": "speaker_control"}
+    figures = FIGURES
+    if "intelligibility_cer" in sets.get("replies", {}):  # a text stream: the replies' CER against what they
+        reply_key["cer"] = "intelligibility_cer"          # said beside the corpus audio's, the corpus reply apart
+        figures = [*FIGURES, ("appropriateness_cer", "appropriateness: CER against the corpus's reply", "{:.3f}")]
     rows = []
-    for key, label, fmt in FIGURES:
+    for key, label, fmt in figures:
         cells = []
         for name in SETS:
-            value = sets.get(name, {}).get(reply_key.get(key, key) if name == "replies" else key)
+            if key == "appropriateness_cer":
+                value = sets.get(name, {}).get("cer") if name == "replies" else None
+            else:
+                value = sets.get(name, {}).get(reply_key.get(key, key) if name == "replies" else key)
             cells.append("—" if value is None else fmt.format(value))
         rows.append([label, *cells])
     return rows

@@ -1,7 +1,8 @@
 """Train the S2S transformer on conversational pairs of codec tokens, then score it on val.
 
-Read top to bottom: tokens for every segment (tokenized once by the trained codec), pairs from
-the data flow (a user turn, the reply, the reply's speaker and emotion), then the step loop
+Read top to bottom: tokens for every segment (tokenized once by the trained codec), with a text
+stream the reply's character per frame (tasks/training/align_corpus.py), pairs from the data flow
+(a user turn, the reply, the reply's speaker and emotion), then the step loop
 (a batch of pairs drawn for this step, cross-entropy on the reply tokens, warmup + cosine
 learning rate, logging, atomic checkpoints) and the validation cross-entropy and perplexity,
 beside two baselines: uniform (perplexity = the number of codes) and per-codebook bigrams.
@@ -24,8 +25,10 @@ from core import atomic
 from core.checkpoints import load_checkpoint, restore_rng, save_checkpoint
 from core.config import Params
 from core.hashing import code_hash
+from models.alignment import fit_frames
 from models.s2s_transformer import S2SConfig, S2STransformer, build_training_example, collate_examples
 from tasks.data.corpus_audio import CorpusError
+from tasks.training.align_corpus import AlignResult, align_corpus, load_alignments
 from tasks.training.cost import cost_metrics, planned_steps
 from tasks.training.device import autocast, init_distributed, select_device
 from tasks.training.provenance import corpus_fingerprint, run_tags
@@ -41,6 +44,7 @@ class Pair:
     reply: torch.Tensor  # (K, Tr) codes
     speaker: int
     emotion: int
+    text: torch.Tensor | None = None  # (Tr,) the reply's character per frame; None: no text targets
 
 
 @dataclass
@@ -54,16 +58,24 @@ class S2STrainResult:
     cached: bool = False  # True when a finished run with the same stamp was reused
 
 
-def s2s_config(params: Params, codec_config: dict) -> S2SConfig:
+def s2s_config(params: Params, codec_config: dict, text_symbols: str = "") -> S2SConfig:
     return S2SConfig(n_codebooks=codec_config["n_codebooks"], codebook_size=codec_config["codebook_size"],
-                     **params.s2s.model_dump())
+                     **params.s2s.model_dump(), text_symbols=text_symbols)
 
 
-def load_pairs(params: Params, tokens_dir: Path, split: str) -> list[Pair]:
+def stream_weights(params: Params, config: S2SConfig) -> list[float]:
+    """The loss weight of each stream, in the model's order (text, codebook 0, the residual ones)."""
+    w = params.s2s_train.loss_weights
+    return [w.text] * int(config.text_stream) + [w.codebook0] + [w.residual] * (config.n_codebooks - 1)
+
+
+def load_pairs(params: Params, tokens_dir: Path, split: str, aligned: AlignResult | None = None) -> list[Pair]:
     """The split's pairs with their codes, each turn cropped to max_turn_frames (the user turn
-    keeps its end, the part the reply answers; the reply keeps its start)."""
+    keeps its end, the part the reply answers; the reply keeps its start), and with `aligned`
+    the reply's character per frame (None for a reply the aligner has no text for)."""
     data_dir = params.path(params.paths.data)
     tokens = load_tokens(tokens_dir, split)
+    texts = load_alignments(Path(aligned.out_dir), split) if aligned is not None else {}
     limit = params.s2s_train.max_turn_frames
     pairs = []
     for line in (data_dir / "pairs.jsonl").read_text().splitlines():
@@ -72,7 +84,10 @@ def load_pairs(params: Params, tokens_dir: Path, split: str) -> list[Pair]:
             continue
         user = torch.from_numpy(tokens[row["input_segment"]].astype("int64"))[:, -limit:]
         reply = torch.from_numpy(tokens[row["reply_segment"]].astype("int64"))[:, :limit]
-        pairs.append(Pair(user, reply, row["reply_speaker_id"], row["reply_emotion_id"]))
+        text = texts.get(row["reply_segment"])
+        if text is not None:
+            text = fit_frames(torch.from_numpy(text.astype("int64")), reply.shape[1])
+        pairs.append(Pair(user, reply, row["reply_speaker_id"], row["reply_emotion_id"], text))
     if not pairs:
         raise CorpusError(f"no {split} pairs in {data_dir / 'pairs.jsonl'}: the corpus needs conversations")
     return pairs
@@ -80,7 +95,8 @@ def load_pairs(params: Params, tokens_dir: Path, split: str) -> list[Pair]:
 
 def make_batch(pairs: list[Pair], indices: list[int], config: S2SConfig) -> tuple[torch.Tensor, ...]:
     chosen = [pairs[i] for i in indices]
-    inputs, targets, _ = collate_examples([build_training_example(p.user, p.reply, config) for p in chosen], config)
+    inputs, targets, _ = collate_examples([build_training_example(p.user, p.reply, config, p.text) for p in chosen],
+                                          config)
     speaker = torch.tensor([p.speaker for p in chosen])
     emotion = torch.tensor([p.emotion for p in chosen])
     return inputs, targets, speaker, emotion
@@ -95,19 +111,24 @@ def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
 
 @torch.inference_mode()
 def evaluate_s2s(model: S2STransformer, pairs: list[Pair], device: torch.device, batch: int = 16) -> dict[str, float]:
-    """Token-weighted cross-entropy (nats) and perplexity over every pair of a split."""
+    """Cross-entropy (nats per code) and perplexity of the audio codes over every pair of a split
+    (what the gate compares with uniform and bigrams), and with a text stream its own cross-entropy."""
     model.eval()
-    total_loss, total_tokens = 0.0, 0
+    sums = counts = 0
     for start in range(0, len(pairs), batch):
         inputs, targets, speaker, emotion = make_batch(pairs, list(range(start, min(start + batch, len(pairs)))),
                                                        model.config)
         logits = model(inputs.to(device), speaker.to(device), emotion.to(device))
-        tokens = int((targets != model.config.pad_id).sum())
-        total_loss += float(model.loss(logits, targets.to(device))) * tokens
-        total_tokens += tokens
+        stream_sums, stream_counts = model.stream_losses(logits, targets.to(device))
+        sums, counts = sums + stream_sums.cpu(), counts + stream_counts.cpu()
     model.train()
-    ce = total_loss / max(total_tokens, 1)
-    return {"cross_entropy": ce, "perplexity": math.exp(min(ce, 50.0)), "tokens": float(total_tokens)}
+    first = int(model.config.text_stream)
+    audio_tokens = int(counts[first:].sum())
+    ce = float(sums[first:].sum()) / max(audio_tokens, 1)
+    metrics = {"cross_entropy": ce, "perplexity": math.exp(min(ce, 50.0)), "tokens": float(audio_tokens)}
+    if first:
+        metrics |= {"text_cross_entropy": float(sums[0]) / max(int(counts[0]), 1), "text_tokens": float(counts[0])}
+    return metrics
 
 
 def bigram_cross_entropy(train: list[Pair], val: list[Pair], codebook_size: int,
@@ -132,17 +153,22 @@ def bigram_cross_entropy(train: list[Pair], val: list[Pair], codebook_size: int,
     return sum(ce * n for ce, n in best) / sum(n for _, n in best)
 
 
-def training_stamp(params: Params, tokens_dir: Path, max_steps: int | None, world_size: int) -> dict:
-    """Everything a finished S2S run depends on: the tokens (so the codec), pairs, settings, code."""
+def training_stamp(params: Params, tokens_dir: Path, max_steps: int | None, world_size: int,
+                   aligned: AlignResult | None = None) -> dict:
+    """Everything a finished S2S run depends on: the tokens (so the codec), pairs, settings, code,
+    and with a text stream the alignments."""
     import core.checkpoints, models.s2s_transformer, tasks.training.device, tasks.training.rng  # noqa: E401
     import tasks.training.tokenize_corpus  # noqa: E401
 
-    return {"stage": "s2s", **corpus_fingerprint(params), "tokens": json.loads((tokens_dir / "stamp.json").read_text()),
-            "s2s": params.s2s.model_dump(mode="json"), "train": params.s2s_train.model_dump(mode="json"),
-            "max_steps": max_steps, "world_size": world_size,
-            "code": code_hash(models.s2s_transformer, tasks.training.tokenize_corpus, core.checkpoints,
-                              tasks.training.device, tasks.training.rng,
-                              sys.modules[__name__])}
+    stamp = {"stage": "s2s", **corpus_fingerprint(params), "tokens": json.loads((tokens_dir / "stamp.json").read_text()),
+             "s2s": params.s2s.model_dump(mode="json"), "train": params.s2s_train.model_dump(mode="json"),
+             "max_steps": max_steps, "world_size": world_size,
+             "code": code_hash(models.s2s_transformer, tasks.training.tokenize_corpus, core.checkpoints,
+                               tasks.training.device, tasks.training.rng,
+                               sys.modules[__name__])}
+    if aligned is not None:
+        stamp["align"] = json.loads((Path(aligned.out_dir) / "stamp.json").read_text())
+    return stamp
 
 
 def train_s2s(params: Params, resume: bool = False, max_steps: int | None = None, track: bool = True,
@@ -157,13 +183,22 @@ def train_s2s(params: Params, resume: bool = False, max_steps: int | None = None
     if dist_info.world_size > 1:
         torch.distributed.barrier()
     codec_config = json.loads((tokens_dir / "codec_config.json").read_text())
-    stamp = training_stamp(params, tokens_dir, max_steps, dist_info.world_size)
+    aligned = None
+    if params.s2s.text_stream:
+        if dist_info.is_main:
+            aligned = align_corpus(params, parent_run_id=parent_run_id, use_mlflow=track)
+        if dist_info.world_size > 1:
+            torch.distributed.barrier()
+        if aligned is None:  # other ranks read the finished stage
+            aligned = align_corpus(params, use_mlflow=False)
+    stamp = training_stamp(params, tokens_dir, max_steps, dist_info.world_size, aligned)
     if not (resume or force) and (cached := cached_result(out_dir, stamp)) is not None:
         return S2STrainResult(**{**cached, "cached": True})
     if dist_info.is_main:
         (out_dir / "stamp.json").unlink(missing_ok=True)  # the checkpoint is about to change
     torch.manual_seed(cfg.seed)
-    config = s2s_config(params, codec_config)
+    config = s2s_config(params, codec_config, aligned.symbols if aligned is not None else "")
+    weights = stream_weights(params, config)
     model = S2STransformer(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.01)
 
@@ -181,8 +216,8 @@ def train_s2s(params: Params, resume: bool = False, max_steps: int | None = None
     elif resume:
         raise FileNotFoundError(f"--resume asked for, but there is no checkpoint at {checkpoint_path}")
 
-    train_pairs = load_pairs(params, tokens_dir, "train")
-    val_pairs = load_pairs(params, tokens_dir, "val")
+    train_pairs = load_pairs(params, tokens_dir, "train", aligned)
+    val_pairs = load_pairs(params, tokens_dir, "val", aligned)
     total = planned_steps(len(train_pairs), cfg.batch_size, dist_info.world_size, cfg.epochs,
                           max_steps if max_steps is not None else cfg.max_steps)
 
@@ -213,13 +248,13 @@ def train_s2s(params: Params, resume: bool = False, max_steps: int | None = None
                 group["lr"] = learning_rate(step, total, cfg.lr, cfg.warmup_steps)
             with autocast(device):
                 logits = net(inputs, speaker, emotion)
-            loss = model.loss(logits, targets)
+            loss = model.loss(logits, targets, weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             step += 1
-            window_tokens += int((targets != config.pad_id).sum())
+            window_tokens += int((targets[:, int(config.text_stream):] != config.pad_id).sum())  # audio codes
             bar.update(1)
             if step % cfg.log_every == 0 or step == total:
                 rate = window_tokens * dist_info.world_size / max(time.monotonic() - window_start, 1e-9)
@@ -239,6 +274,8 @@ def train_s2s(params: Params, resume: bool = False, max_steps: int | None = None
         metrics["bigram_cross_entropy"] = bigram_cross_entropy(train_pairs, val_pairs, config.codebook_size)
         baselines = {"perplexity": float(config.codebook_size), "cross_entropy": math.log(config.codebook_size)}
         tracker.log_metrics({"val_cross_entropy": metrics["cross_entropy"], "val_perplexity": metrics["perplexity"],
+                             **({"val_text_cross_entropy": metrics["text_cross_entropy"]}
+                                if "text_cross_entropy" in metrics else {}),
                              "val_bigram_cross_entropy": metrics["bigram_cross_entropy"],
                              "uniform_perplexity": baselines["perplexity"],
                              **cost_metrics(seconds, device, params.cost, dist_info.world_size)}, step)
