@@ -30,7 +30,10 @@ class TeluS2SModel(mlflow.pyfunc.PythonModel):
         self.bundle = load_bundle_dir(context.artifacts["bundle"])
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        settings = GenerationSettings(**(params or {}))
+        given = dict(params or {})
+        if "top_k" in given:
+            given["top_k"] = given["top_k"] or None  # the signature's 0 = no top-k cut
+        settings = GenerationSettings(**given)
         replies = []
         for row in model_input.to_dict("records"):
             session = ReplySession(self.bundle, row.get("speaker", "female_young"), row.get("emotion", "neutral"),

@@ -47,7 +47,7 @@ def test_train_flow_registers_a_gated_candidate_and_reruns_from_cache(tiny_corpu
     train_run = result["run_id"]
     children = client.search_runs([client.get_run(train_run).info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{train_run}'")
-    assert {r.data.tags["stage"] for r in children} == {"codec", "s2s", "register", "quality", "asr",
+    assert {r.data.tags["stage"] for r in children} == {"codec", "align", "s2s", "register", "quality", "asr",
                                                         "emotion-classifier", "speaker-classifier"}
     quality = result["quality"]["sets"]
     assert quality["replies"]["items"] == 12 and quality["corpus"]["items"] == 2  # 9 emotions + 3 other speakers

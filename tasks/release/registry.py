@@ -101,7 +101,8 @@ def register_bundle(bundle_dir: Path, params: Params, evaluation: dict[str, Any]
         code = [str(Path(m.__file__).parent) for m in (core, models, serving)]
         info = mlflow.pyfunc.log_model(name="model", python_model=TeluS2SModel(),
                                        artifacts={"bundle": str(bundle_dir)}, code_paths=code,
-                                       pip_requirements=_requirements(), registered_model_name=name)
+                                       signature=pyfunc_signature(params), pip_requirements=_requirements(),
+                                       registered_model_name=name)
         version = str(info.registered_model_version)
     client.update_registered_model(name, description=(
         "Telugu speech-to-speech: TeluCodec + S2S transformer. Aliases: challenger = latest candidate that passed "
@@ -119,6 +120,21 @@ def register_bundle(bundle_dir: Path, params: Params, evaluation: dict[str, Any]
         promote(client, name, version, f"auto-promote (profile {params.profile}): {decision.reason}")
         aliases.append(CHAMPION)
     return RegisteredVersion(name, version, aliases, run.info.run_id, reused=False)
+
+
+def pyfunc_signature(params: Params) -> Any:
+    """What the pyfunc takes and gives, with the generation settings as parameters (defaults from
+    params.yaml's serving section): without params in its signature MLflow drops them at predict."""
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    serving = params.serving
+    settings = {"temperature": serving.temperature, "top_k": serving.top_k or 0,
+                "max_reply_seconds": serving.max_reply_seconds, "max_utterance_seconds": serving.max_utterance_seconds,
+                "min_reply_seconds": serving.min_reply_seconds, "guidance": serving.guidance}
+    example_in = pd.DataFrame({"audio": [[0.0, 0.1]], "speaker": ["female_young"], "emotion": ["neutral"]})
+    example_out = pd.DataFrame({"audio": [[0.0, 0.1]], "sample_rate": [16000]})
+    return infer_signature(example_in, example_out, params=settings)
 
 
 def champion_comparison(client: Any, name: str, figures: dict[str, float]) -> PromotionDecision:
