@@ -27,5 +27,8 @@ def test_bench_codec_and_s2s_report_figures(project_root):
 
     s2s = bench_s2s(params, user_frames=8, reply_frames=4, repeats=1)
     assert s2s["batch1_tokens_per_s"] > 0 and s2s["batch64_tokens_per_s"] > 0
-    assert 1 <= s2s["batch1_frames_generated"] <= 4 and s2s["batch1_first_frame_ms"] > 0
+    assert s2s["batch1_frames_generated"] == 4 and s2s["batch1_first_frame_ms"] > 0   # held to full length
+    assert s2s["previous_batch64_frames_generated"] == 4 and s2s["previous_batch1_tokens_per_s"] > 0
+    assert s2s["batch64_frames_per_s_vs_previous"] == round(
+        s2s["batch64_frames_per_s"] / s2s["previous_batch64_frames_per_s"], 2)
     assert s2s["kv_cache_speedup_batch1"] > 0

@@ -104,7 +104,10 @@ def test_the_signoff_report_shows_each_quality_item_with_its_ceiling_verdict_and
     assert "| MOS > 4.0 | >= 4 | 1.6 | ❌ misses |" in text
     assert "| Emotion recognition > 85% | >= 0.85 | 0.5 | ❌ misses |" in text
     assert "| DNSMOS P.808 | 1.60 | 3.20 | 2.50 |" in text  # replies, ceiling, round trip
-    assert "| Telugu accuracy (1 - CER) | 5.0% | 92.0% | 60.0% |" in text
+    # a model without a text stream: no intelligibility for its replies; appropriateness is the CER vs the corpus
+    assert "| Telugu accuracy (1 - CER; replies: against their own text) | — | 92.0% | 60.0% |" in text
+    assert "| reply appropriateness (1 - CER against the corpus reply) | 5.0% | — | — |" in text
+    assert "| Telugu accuracy > 90% | >= 0.9 | — | — not measured |" in text
     assert "| neutral | 4 | 75% | 50% | ✅ yes |" in text and "| happy | 4 | 25% | 50% | ❌ no |" in text
     assert "| laugh | 0 | — | — | — not measured |" in text
     assert "`run-quality`" in text and "`run-asr`" in text

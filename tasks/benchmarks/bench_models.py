@@ -168,7 +168,7 @@ def trained_s2s(params: Params) -> tuple[S2STransformer, str]:
         state = load_checkpoint(checkpoint)
         model = S2STransformer(S2SConfig(**state["config"]))
         model.load_state_dict(state["model"])
-        return model.eval(), str(checkpoint)
+        return model.eval(), str(checkpoint.relative_to(params.root))
     codec = params.codec
     # an untrained text stream gets the Telugu Unicode block as its characters (an aligner's are ~60 of them)
     symbols = "".join(map(chr, range(0x0C00, 0x0C80))) if params.s2s.text_stream else ""
@@ -188,13 +188,42 @@ def _no_cache_frames(model: S2STransformer, user: torch.Tensor, speaker: torch.T
         body = torch.cat([body, logits.argmax(-1, keepdim=True)], dim=-1)
 
 
+def previous_s2s(params: Params) -> S2STransformer:
+    """The S2S model as it last shipped (4 x 256 codes, conditioning at one slot, no text stream,
+    the smoke shape): the baseline of the cost ratios. Untrained weights cost the same."""
+    shape = params.s2s.model_dump(exclude={"conditioning", "text_stream"})
+    return S2STransformer(S2SConfig(n_codebooks=4, codebook_size=256, **shape)).eval()
+
+
 @torch.inference_mode()
 def bench_s2s(params: Params, user_frames: int = 150, reply_frames: int = 100, repeats: int = 3,
               threads: int = 1) -> dict:
+    """Generation speed of the trained model, and of the previous model (v1's tokens) measured in
+    this run, with `*_vs_previous` ratios of frames per second (> 1: the new model is faster)."""
     torch.set_num_threads(threads)
     model, source = trained_s2s(params)
     config = model.config
-    report: dict = {"model": source, "parameters": model.num_parameters(), "threads": threads}
+    report: dict = {"model": source, "parameters": model.num_parameters(), "threads": threads,
+                    **_generation_speed(model, user_frames, reply_frames, repeats)}
+    previous = _generation_speed(previous_s2s(params), user_frames, reply_frames, repeats)
+    report |= {f"previous_{k}": v for k, v in previous.items()}
+    for batch in (1, 64):
+        report[f"batch{batch}_frames_per_s_vs_previous"] = round(
+            report[f"batch{batch}_frames_per_s"] / previous[f"batch{batch}_frames_per_s"], 2)
+    user = torch.randint(config.codebook_size, (1, config.n_codebooks, user_frames))
+    zero = torch.zeros(1, dtype=torch.long)
+    steps = 20
+    cached = _median_seconds(lambda: list(model.generate(user, zero, zero, max_frames=steps, temperature=0)), repeats)
+    uncached = _median_seconds(lambda: _no_cache_frames(model, user, zero, zero, steps), repeats)
+    report["kv_cache_speedup_batch1"] = round(uncached / cached, 2)
+    report["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+    return report
+
+
+def _generation_speed(model: S2STransformer, user_frames: int, reply_frames: int, repeats: int) -> dict:
+    """Reply frames per second (and codebook tokens per second) at batch 1 and 64, and the time to
+    the first frame, sampling at temperature 1, top-k 50 (medians over `repeats`)."""
+    config, report = model.config, {}
     for batch in (1, 64):
         user = torch.randint(config.codebook_size, (batch, config.n_codebooks, user_frames))
         speaker, emotion = torch.zeros(batch, dtype=torch.long), torch.zeros(batch, dtype=torch.long)
@@ -203,22 +232,16 @@ def bench_s2s(params: Params, user_frames: int = 150, reply_frames: int = 100, r
             generator = torch.Generator().manual_seed(r)
             start = time.perf_counter()
             stream = model.generate(user, speaker, emotion, max_frames=reply_frames, temperature=1.0, top_k=50,
-                                    generator=generator)
+                                    generator=generator, min_frames=reply_frames)
             n = 0
             for n, _ in enumerate(stream, 1):
                 if n == 1:
                     firsts.append(time.perf_counter() - start)
             totals.append((n, time.perf_counter() - start))
-        frames, seconds = max(totals, key=lambda t: t[0])
-        report[f"batch{batch}_tokens_per_s"] = round(batch * frames * config.n_codebooks / statistics.median(
-            [t for _, t in totals]), 1)
+        frames = max(n for n, _ in totals)
+        seconds = statistics.median(t for _, t in totals)
+        report[f"batch{batch}_frames_per_s"] = round(batch * frames / seconds, 1)
+        report[f"batch{batch}_tokens_per_s"] = round(batch * frames * config.n_codebooks / seconds, 1)
         report[f"batch{batch}_first_frame_ms"] = round(1000 * statistics.median(firsts), 1)
         report[f"batch{batch}_frames_generated"] = frames
-    user = torch.randint(config.codebook_size, (1, config.n_codebooks, user_frames))
-    zero = torch.zeros(1, dtype=torch.long)
-    steps = 20
-    cached = _median_seconds(lambda: list(model.generate(user, zero, zero, max_frames=steps, temperature=0)), repeats)
-    uncached = _median_seconds(lambda: _no_cache_frames(model, user, zero, zero, steps), repeats)
-    report["kv_cache_speedup_batch1"] = round(uncached / cached, 2)
-    report["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     return report

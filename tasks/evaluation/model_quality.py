@@ -268,6 +268,7 @@ def judge(clips: list[Clip], judges: Judges) -> tuple[dict[str, float], dict[str
     with_said = [(h, c.said) for h, (_, c) in zip(hyps, heard) if c.said]
     if with_said:  # the reply against its own text: intelligibility
         figures["intelligibility_cer"] = cer([h for h, _ in with_said], [t for _, t in with_said])
+        figures["intelligibility"] = max(0.0, 1.0 - figures["intelligibility_cer"])
     matrices = {}
     for kind, judge_of, labels in (("emotion", judges.emotion, EMOTIONS), ("speaker", judges.speaker, SPEAKERS)):
         judged = [(a, getattr(c, kind)) for a, c in zip(audio, scorable) if kind in c.judged_for]

@@ -17,6 +17,7 @@ PROMOTION_FIGURES: tuple[tuple[str, bool, float], ...] = (
     ("codec.pesq_wb", True, 0.05),
     ("quality.codec_roundtrip.cer", False, 0.02),
     ("quality.replies.cer", False, 0.02),
+    ("quality.replies.intelligibility_cer", False, 0.02),
     ("quality.replies.emotion_control", True, 0.03),
     ("quality.replies.speaker_control", True, 0.03),
     ("quality.replies.dnsmos_p808", True, 0.05),
