@@ -11,7 +11,7 @@ Also here: the reconstruction loss and the STFT discriminator used to train it.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import torchaudio
 from torch import Tensor, nn
 
+from models.config_checks import check_same_architecture, config_from_dict
 from models.quantizer import ResidualVectorQuantizer
 from models.streaming import CausalConv1d, CausalConvTranspose1d, ResidualUnit, StreamingSequential
 
@@ -63,10 +64,7 @@ class CodecConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> CodecConfig:
         """Missing keys take their defaults; unknown keys are refused (a misspelt setting)."""
-        unknown = sorted(set(values) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown codec config fields: {', '.join(unknown)}")
-        return cls(**values)
+        return config_from_dict(cls, values, "codec")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -243,17 +241,8 @@ class TeluCodec(nn.Module):
         return cls(CodecConfig.from_dict(values))
 
     def check_compatible(self, config_dict: dict[str, Any]) -> None:
-        """Raise ValueError naming every architecture field where a checkpoint's config differs.
-
-        Without this, a mismatch surfaces as a wall of tensor-size errors or, worse, loads fine
-        (say a different hop with the same shapes) and decodes noise.
-        """
-        theirs = CodecConfig.from_dict(config_dict)
-        diffs = [f"{f.name} (checkpoint {getattr(theirs, f.name)!r}, model {getattr(self.config, f.name)!r})"
-                 for f in fields(CodecConfig)
-                 if f.name not in TRAINING_ONLY_FIELDS and getattr(theirs, f.name) != getattr(self.config, f.name)]
-        if diffs:
-            raise ValueError("checkpoint was made with another codec config; differing fields: " + ", ".join(diffs))
+        """Raise ValueError naming every architecture field where a checkpoint's config differs."""
+        check_same_architecture(self.config, CodecConfig.from_dict(config_dict), TRAINING_ONLY_FIELDS)
 
     def load_checkpoint_state(self, state_dict: dict[str, Tensor], config_dict: dict[str, Any]) -> None:
         """Load weights saved with `config_dict`, after checking that it matches this model."""

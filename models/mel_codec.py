@@ -16,7 +16,7 @@ The price of causality is a fixed delay: the output lags the input by `delay_sam
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import torchaudio
 from torch import Tensor, nn
 
+from models.config_checks import check_same_architecture, config_from_dict
 from models.quantizer import ResidualVectorQuantizer
 from models.streaming import CausalConv1d, ConvState
 
@@ -53,10 +54,7 @@ class MelCodecConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> MelCodecConfig:
         """Missing keys take their defaults; unknown keys are refused (a misspelt setting)."""
-        unknown = sorted(set(values) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown mel codec config fields: {', '.join(unknown)}")
-        return cls(**values)
+        return config_from_dict(cls, values, "mel codec")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -326,11 +324,8 @@ class MelCodec(nn.Module):
 
     def check_compatible(self, config_dict: dict[str, Any]) -> None:
         """Raise ValueError naming every field where a checkpoint's config differs from this model's."""
-        theirs = MelCodecConfig.from_dict({k: v for k, v in config_dict.items() if k != "kind"})
-        diffs = [f"{f.name} (checkpoint {getattr(theirs, f.name)!r}, model {getattr(self.config, f.name)!r})"
-                 for f in fields(MelCodecConfig) if getattr(theirs, f.name) != getattr(self.config, f.name)]
-        if diffs:
-            raise ValueError("checkpoint was made with another codec config; differing fields: " + ", ".join(diffs))
+        check_same_architecture(self.config, MelCodecConfig.from_dict({k: v for k, v in config_dict.items()
+                                                                        if k != "kind"}))
 
     def load_checkpoint_state(self, state_dict: dict[str, Tensor], config_dict: dict[str, Any]) -> None:
         self.check_compatible(config_dict)
