@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import torchaudio
 from torch import Tensor, nn
 
+from models.codec_shape import CodecShape
 from models.config_checks import check_same_architecture, config_from_dict
 from models.quantizer import ResidualVectorQuantizer
 from models.streaming import CausalConv1d, CausalConvTranspose1d, ResidualUnit, StreamingSequential
@@ -99,7 +100,7 @@ def _decoder(cfg: CodecConfig) -> StreamingSequential:
     return StreamingSequential(*layers)
 
 
-class TeluCodec(nn.Module):
+class TeluCodec(CodecShape, nn.Module):
     """Codec with offline (`encode`/`decode`) and streaming (`encode_step`/`decode_step`) paths
     that give the same codes and samples; the streaming state lives with the caller."""
 
@@ -114,21 +115,9 @@ class TeluCodec(nn.Module):
         self.decoder = _decoder(cfg)
 
     @property
-    def hop_length(self) -> int:
-        return self.config.hop_length
-
-    @property
-    def frame_rate(self) -> float:
-        return self.config.frame_rate
-
-    @property
     def delay_samples(self) -> int:
         """Output sample s reconstructs input sample s: causal encoder and decoder line up."""
         return 0
-
-    def bitrate(self) -> float:
-        """Bits per second of the codes: frame_rate * n_codebooks * log2(codebook_size)."""
-        return self.frame_rate * self.config.n_codebooks * math.log2(self.config.codebook_size)
 
     # --- whole sequences ---------------------------------------------------------------------
 
@@ -145,12 +134,6 @@ class TeluCodec(nn.Module):
     def decode(self, codes: Tensor) -> Tensor:
         """codes (B, k, F), k <= n_codebooks -> wav (B, 1, F * hop)."""
         return self.decoder(self.quantizer.decode(codes))
-
-    def _pad(self, wav: Tensor) -> Tensor:
-        """Zero-pad T on the right to a multiple of the hop, so every sample lands in a frame."""
-        if wav.dim() != 3 or wav.shape[1] != 1:
-            raise ValueError(f"expected wav of shape (batch, 1, samples), got {tuple(wav.shape)}")
-        return F.pad(wav, (0, -wav.shape[-1] % self.hop_length))
 
     # --- streaming ---------------------------------------------------------------------------
 

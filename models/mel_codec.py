@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import torchaudio
 from torch import Tensor, nn
 
+from models.codec_shape import CodecShape
 from models.config_checks import check_same_architecture, config_from_dict
 from models.quantizer import ResidualVectorQuantizer
 from models.streaming import CausalConv1d, ConvState
@@ -205,7 +206,7 @@ class CausalVocoder(nn.Module):
         return wav[:, None], [[embed_state, *block_states], OverlapAddState(tail)]
 
 
-class MelCodec(nn.Module):
+class MelCodec(CodecShape, nn.Module):
     """Codec with offline (`encode`/`decode`) and streaming (`encode_step`/`decode_step`) paths
     that give the same codes and samples; the streaming state lives with the caller."""
 
@@ -222,14 +223,6 @@ class MelCodec(nn.Module):
         self.vocoder = CausalVocoder(cfg)
 
     @property
-    def hop_length(self) -> int:
-        return self.config.hop_length
-
-    @property
-    def frame_rate(self) -> float:
-        return self.config.frame_rate
-
-    @property
     def delay_samples(self) -> int:
         """Output sample s reconstructs input sample s - delay_samples (overlap-add of n_fft)."""
         return self.config.vocoder_n_fft - self.config.hop_length
@@ -238,9 +231,6 @@ class MelCodec(nn.Module):
     def algorithmic_latency_ms(self) -> float:
         """From a sample's arrival to its reconstruction: the rest of its hop plus the delay."""
         return 1000.0 * (self.config.hop_length + self.delay_samples) / self.config.sample_rate
-
-    def bitrate(self) -> float:
-        return self.frame_rate * self.config.n_codebooks * math.log2(self.config.codebook_size)
 
     # --- whole sequences ---------------------------------------------------------------------
 
@@ -262,11 +252,6 @@ class MelCodec(nn.Module):
     def decode(self, codes: Tensor) -> Tensor:
         """codes (B, k, F), k <= n_codebooks -> wav (B, 1, F * hop), `delay_samples` late."""
         return self.vocoder(self.quantizer.decode(codes))
-
-    def _pad(self, wav: Tensor) -> Tensor:
-        if wav.dim() != 3 or wav.shape[1] != 1:
-            raise ValueError(f"expected wav of shape (batch, 1, samples), got {tuple(wav.shape)}")
-        return F.pad(wav, (0, -wav.shape[-1] % self.hop_length))
 
     # --- streaming ---------------------------------------------------------------------------
 
