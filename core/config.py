@@ -170,6 +170,7 @@ class _TrainConfig(_Section):
     lr: float
     checkpoint_every: int
     log_every: int
+    curve_steps: list[int] = []       # steps where the run scores itself and keeps a snapshot (tasks/training/curve.py)
 
     @field_validator("batch_size", "epochs", "checkpoint_every", "log_every")
     @classmethod
@@ -184,6 +185,7 @@ class CodecTrainConfig(_TrainConfig):
     waveform_weight: float
     kmeans_iterations: int
     gain_augment_db: float
+    extra_voice_clips: int = 0        # mel only: codec-only clips in other espeak-ng voices (tasks/training/codec_voices.py)
     unseen_items: int
     adversarial: bool
     eval_items: int

@@ -204,6 +204,22 @@ def eval_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = Se
         raise typer.Exit(code=1)
 
 
+@app.command("curve")
+def curve_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = SetOpt,
+              replies: bool = typer.Option(False, "--replies", help="also score each S2S snapshot's replies "
+                                                                   "(intelligibility, controls, MOS)")) -> None:
+    """The time-quality curve of the profile's last trainings (points at their curve_steps)."""
+    from tasks.evaluation.training_curve import curve_markdown, training_curve
+
+    try:
+        params = load_params(profile, parse_overrides(set_))
+    except ConfigError as exc:
+        _fail(str(exc))
+    report = training_curve(params, score_replies=replies)
+    console.print(curve_markdown(report), soft_wrap=True)
+    console.print(f"written: {params.path(params.paths.artifacts)}/curve-{params.profile}.md", soft_wrap=True)
+
+
 @train_app.command("codec")
 def train_codec_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = SetOpt,
                     resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint"),

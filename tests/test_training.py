@@ -90,3 +90,42 @@ def test_s2s_tokenizes_trains_logs_and_refuses_other_configs(tiny_corpus: Path, 
 
 def math_finite(value: float) -> bool:
     return value == value and value != float("inf")
+
+
+def test_curve_points_and_snapshots_then_the_curve_report(tiny_corpus: Path, project_root: Path):
+    """Runs score themselves at curve_steps and keep snapshots; `s2s curve` tabulates and scores them."""
+    from tasks.evaluation.training_curve import training_curve
+    from tasks.training.curve import read_curve, snapshot_path
+    from tasks.training.train_codec import train_codec
+    from tasks.training.train_s2s import train_s2s
+
+    params = load_params("smoke", {**TINY, "codec_train": {**TINY["codec_train"], "max_steps": 4, "curve_steps": [2, 4],
+                                                           "extra_voice_clips": 2},
+                                   "s2s_train": {**TINY["s2s_train"], "curve_steps": [3, 6]}})
+    codec = train_codec(params, track=False)
+    points = read_curve(project_root / "artifacts/codec")
+    assert [p["step"] for p in points] == [2, 4]
+    assert all({"stoi", "unseen_stoi", "train_minutes"} <= set(p) for p in points)
+    assert 0 < points[0]["train_minutes"] <= points[1]["train_minutes"] <= codec.seconds / 60 + 1e-3
+    assert points[1]["stoi"] == pytest.approx(codec.metrics["stoi"], abs=1e-3), "the last point is the final model"
+
+    train_s2s(params, track=False)
+    s2s_dir = project_root / "artifacts/s2s"
+    assert [p["step"] for p in read_curve(s2s_dir)] == [3, 6]
+    assert snapshot_path(s2s_dir, 3).is_file() and snapshot_path(s2s_dir, 6).is_file()
+
+    report = training_curve(params, score_replies=True)
+    assert all("reply_intelligibility_cer" in p for p in report["s2s"]), report["s2s"]
+    text = (project_root / "artifacts/curve-smoke.md").read_text()
+    assert "## codec" in text and "| 2 |" in text and "| 6 |" in text
+
+
+def test_codec_only_voices_are_deterministic_and_hold_out_the_unseen_set():
+    from tasks.evaluation.unseen_voices import UNSEEN_VOICES
+    from tasks.training.codec_voices import CORPUS_VARIANTS, EXTRA_VARIANTS, extra_voice_clips
+
+    assert not set(EXTRA_VARIANTS) & (set(UNSEEN_VOICES) | set(CORPUS_VARIANTS))
+    first, again = extra_voice_clips(3, seed=5), extra_voice_clips(3, seed=5)
+    assert len(first) == 3 and all(a.dtype.name == "int16" and len(a) > 16000 for a in first)
+    assert all((a == b).all() for a, b in zip(first, again))
+    assert extra_voice_clips(0, seed=5) == []

@@ -35,9 +35,10 @@ UNSEEN_SENTENCES = (
 
 
 def render(text: str, variant: str, pitch: int, sample_rate: int = 16000, lufs: float = -23.0,
-           peak_db: float = -2.0) -> np.ndarray:
-    """One sentence in one unseen voice, as float32 audio at `sample_rate`, loudness-normalised."""
-    cmd = ["espeak-ng", "-v", f"te+{variant}", "--stdout", "-p", str(pitch), "-s", "150", text]
+           peak_db: float = -2.0, words_per_minute: int = 150) -> np.ndarray:
+    """One sentence in one espeak-ng voice variant, as float32 audio at `sample_rate`,
+    loudness-normalised the way the data flow normalises recordings."""
+    cmd = ["espeak-ng", "-v", f"te+{variant}", "--stdout", "-p", str(pitch), "-s", str(words_per_minute), text]
     result = subprocess.run(cmd, capture_output=True, check=False)
     if result.returncode != 0 or not result.stdout:
         raise RuntimeError(f"espeak-ng failed on {text!r} ({variant}): {result.stderr.decode(errors='replace')}")

@@ -31,7 +31,9 @@ from models.metrics import mel_distance, pesq_wb, si_sdr_db, snr_db, stoi
 from tasks.data.corpus_audio import load_clips, random_crops
 from tasks.evaluation.codec_baselines import REFERENCE_CODECS, align, nominal_lag, round_trip
 from tasks.evaluation.unseen_voices import unseen_set
+from tasks.training.codec_voices import extra_voice_clips
 from tasks.training.cost import cost_metrics, planned_steps
+from tasks.training.curve import record_point, snapshot_path
 from tasks.training.device import autocast, init_distributed, select_device
 from tasks.training.provenance import corpus_fingerprint, run_tags
 from tasks.training.rng import step_generator
@@ -108,14 +110,15 @@ def score_clips(model: Codec, clips: list[np.ndarray], device: torch.device,
     return scores, others
 
 
-def evaluate_codec(model: Codec, params: Params, device: torch.device) -> tuple[dict, dict]:
+def evaluate_codec(model: Codec, params: Params, device: torch.device,
+                   with_baselines: bool = True) -> tuple[dict, dict]:
     """Test-split metrics (and the reference codecs') plus the same on the unseen-voices set,
     whose figures carry an `unseen_` prefix (codec and baselines alike)."""
     clips, _ = load_clips(params.path(params.paths.data), "test", limit=params.codec_train.eval_items)
-    metrics, baselines = score_clips(model, [c.astype(np.float32) / 32768.0 for c in clips], device, True)
+    metrics, baselines = score_clips(model, [c.astype(np.float32) / 32768.0 for c in clips], device, with_baselines)
     if params.codec_train.unseen_items > 0:
         unseen = [audio for _, audio in unseen_set(params.codec_train.unseen_items, model.config.sample_rate)]
-        u_metrics, u_baselines = score_clips(model, unseen, device, True)
+        u_metrics, u_baselines = score_clips(model, unseen, device, with_baselines)
         metrics |= {f"unseen_{k}": v for k, v in u_metrics.items()}
         for name, figures in u_baselines.items():
             baselines[name] |= {f"unseen_{k}": v for k, v in figures.items()}
@@ -126,13 +129,14 @@ def training_stamp(params: Params, max_steps: int | None, world_size: int) -> di
     """Everything a finished codec run depends on: corpus, settings and the code that trains it."""
     import core.checkpoints, models.codec, models.mel_codec, models.quantizer, models.streaming  # noqa: E401
     import tasks.data.corpus_audio, tasks.evaluation.codec_baselines, tasks.evaluation.unseen_voices  # noqa: E401
-    import tasks.training.device, tasks.training.rng  # noqa: E401
+    import tasks.training.codec_voices, tasks.training.device, tasks.training.rng  # noqa: E401
 
     return {"stage": "codec", **corpus_fingerprint(params), "codec": params.codec.architecture(),
             "train": params.codec_train.model_dump(mode="json"), "max_steps": max_steps, "world_size": world_size,
             "code": code_hash(models.codec, models.mel_codec, models.quantizer, models.streaming,
                               tasks.data.corpus_audio, tasks.evaluation.codec_baselines,
-                              tasks.evaluation.unseen_voices, core.checkpoints, tasks.training.device,
+                              tasks.evaluation.unseen_voices, tasks.training.codec_voices,
+                              core.checkpoints, tasks.training.device,
                               tasks.training.rng,
                               sys.modules[__name__])}
 
@@ -218,6 +222,8 @@ def train_codec(params: Params, resume: bool = False, max_steps: int | None = No
         raise FileNotFoundError(f"--resume asked for, but there is no checkpoint at {checkpoint_path}")
 
     clips, _ = load_clips(params.path(params.paths.data), "train")
+    if isinstance(model, MelCodec):  # v2 may hear more voices than the corpus has; v1 keeps its recipe
+        clips += extra_voice_clips(cfg.extra_voice_clips, cfg.seed, model.config.sample_rate)
     crop = int(cfg.crop_seconds * model.config.sample_rate)
     total = planned_steps(len(clips), cfg.batch_size, dist_info.world_size, cfg.epochs,
                           max_steps if max_steps is not None else cfg.max_steps)
@@ -236,7 +242,7 @@ def train_codec(params: Params, resume: bool = False, max_steps: int | None = No
             errors = fit_mel_codec(model, clips, cfg.seed, cfg.kmeans_iterations, cfg.gain_augment_db)
             tracker.log_metrics({f"quantizer_mse_{i + 1}_codebooks": e for i, e in enumerate(errors)}, 0)
         bar = tqdm(total=total, initial=step, desc="train codec", unit="step", disable=not dist_info.is_main)
-        window_start, window_steps = time.monotonic(), 0
+        window_start, window_steps, scoring_seconds = time.monotonic(), 0, 0.0
         model.train()
         while step < total:
             generator = step_generator(cfg.seed, step, dist_info.rank)
@@ -271,8 +277,18 @@ def train_codec(params: Params, resume: bool = False, max_steps: int | None = No
                                 optimizer=optimizer.state_dict(), step=step, run_id=tracker.run_id,
                                 discriminator=discriminator.state_dict() if discriminator else None,
                                 disc_optimizer=disc_optimizer.state_dict() if disc_optimizer else None)
+            if dist_info.is_main and step in cfg.curve_steps:
+                scoring_started = time.monotonic()
+                figures, _ = evaluate_codec(model, params, device, with_baselines=False)
+                point = record_point(out_dir, step, scoring_started - started - scoring_seconds, figures)
+                tracker.log_metrics({f"curve_{k}": v for k, v in point.items() if k != "step"}, step)
+                save_checkpoint(snapshot_path(out_dir, step), with_rng=False, model=model.state_dict(),
+                                config=model.config_dict(), step=step)
+                model.train()
+                scoring_seconds += time.monotonic() - scoring_started
+                window_start = time.monotonic()
         bar.close()
-        seconds = time.monotonic() - started
+        seconds = time.monotonic() - started - scoring_seconds
         if not dist_info.is_main:
             return CodecTrainResult(str(checkpoint_path), step, seconds, model.bitrate(), {}, {}, None)
         metrics, baselines = evaluate_codec(model, params, device)

@@ -30,6 +30,7 @@ from models.s2s_transformer import S2SConfig, S2STransformer, build_training_exa
 from tasks.data.corpus_audio import CorpusError
 from tasks.training.align_corpus import AlignResult, align_corpus, load_alignments
 from tasks.training.cost import cost_metrics, planned_steps
+from tasks.training.curve import record_point, snapshot_path
 from tasks.training.device import autocast, init_distributed, select_device
 from tasks.training.provenance import corpus_fingerprint, run_tags
 from tasks.training.rng import step_generator
@@ -233,7 +234,7 @@ def train_s2s(params: Params, resume: bool = False, max_steps: int | None = None
                             "total_steps": total})
         tracker.set_tags(run_tags(params, "s2s"))
         bar = tqdm(total=total, initial=step, desc="train s2s", unit="step", disable=not dist_info.is_main)
-        window_start, window_tokens = time.monotonic(), 0
+        window_start, window_tokens, scoring_seconds = time.monotonic(), 0, 0.0
         model.train()
         while step < total:
             generator = step_generator(cfg.seed, step, dist_info.rank)
@@ -266,8 +267,18 @@ def train_s2s(params: Params, resume: bool = False, max_steps: int | None = None
                 save_checkpoint(checkpoint_path, model=model.state_dict(), config=asdict(config),
                                 codec_config=codec_config, optimizer=optimizer.state_dict(), step=step,
                                 run_id=tracker.run_id)
+            if dist_info.is_main and step in cfg.curve_steps:
+                scoring_started = time.monotonic()
+                point = record_point(out_dir, step, scoring_started - started - scoring_seconds,
+                                     evaluate_s2s(model, val_pairs, device))
+                tracker.log_metrics({f"curve_{k}": v for k, v in point.items() if k != "step"}, step)
+                save_checkpoint(snapshot_path(out_dir, step), with_rng=False, model=model.state_dict(),
+                                config=asdict(config), codec_config=codec_config, step=step)
+                model.train()
+                scoring_seconds += time.monotonic() - scoring_started
+                window_start = time.monotonic()
         bar.close()
-        seconds = time.monotonic() - started
+        seconds = time.monotonic() - started - scoring_seconds
         if not dist_info.is_main:
             return S2STrainResult(str(checkpoint_path), step, seconds, {}, {}, None)
         metrics = evaluate_s2s(model, val_pairs, device)
