@@ -334,6 +334,8 @@ class EvaluationConfig(_Section):
     top_k: int | None
     max_reply_seconds: float
     working_share: float              # an emotion/speaker "works" at this recall and precision in replies
+    sampling_candidates: list[dict[str, float | int | None]] = []  # searched on the val split (tasks/evaluation/sampling_search.py)
+    sampling_inputs: int = 2          # validation user turns per candidate (x 12 voices)
     mos: list[Literal["dnsmos", "distillmos"]]
 
 
@@ -352,6 +354,7 @@ class ServingConfig(_Section):
     max_utterance_seconds: float
     min_reply_seconds: float
     guidance: float                   # classifier-free guidance on speaker and emotion; 1.0 = off
+    sampling: Literal["model", "params"] = "model"   # model: the bundle's validation-chosen settings when it has them
     model: str                        # models:/<name>@<alias>, models:/<name>/<version> or a bundle folder
     host: str
     port: int

@@ -30,6 +30,7 @@ from serving.bundle import bundle_sha, load_bundle_dir, read_meta
 from tasks.evaluation import gates
 from tasks.evaluation.latency import measure_latency
 from tasks.evaluation.model_quality import evaluate_quality, flat_metrics, quality_markdown
+from tasks.evaluation.sampling_search import choose_sampling
 from tasks.release import candidate, flow_runs
 from tasks.release.registry import RegisteredVersion, register_bundle
 from tasks.training.train_codec import CodecTrainResult, train_codec
@@ -82,7 +83,9 @@ def bundle_task(params: Params, codec: CodecTrainResult, s2s: S2STrainResult, me
 
 @task(name="evaluate-quality", cache_policy=NO_CACHE)
 def quality_task(params: Params, bundle_dir: Path, parent_run_id: str) -> dict[str, Any]:
-    """MOS, CER, emotion and speaker control of the candidate (evaluators reused per corpus)."""
+    """MOS, CER, emotion and speaker control of the candidate (evaluators reused per corpus), with
+    the sampling settings chosen for it on the validation split when the profile lists candidates."""
+    choose_sampling(bundle_dir, params, parent_run_id)
     report = evaluate_quality(load_bundle_dir(bundle_dir), params, bundle_sha(bundle_dir), parent_run_id)
     create_markdown_artifact(key="quality", markdown="# Quality of the candidate\n\n" + quality_markdown(report),
                              description="MOS, CER, emotion and speaker control: corpus, codec round trip, replies")

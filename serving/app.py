@@ -31,7 +31,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from core.config import ServingConfig
 from core.labels import EMOTIONS, SPEAKERS
-from serving.bundle import ModelBundle, bundle_meta_summary
+from serving.bundle import ModelBundle, bundle_meta_summary, recorded_sampling
 from serving.engine import Engine, ReplyEvent
 from serving.session import GenerationSettings, SessionError, check_voice
 from serving.vad import EndOfUtterance
@@ -114,7 +114,7 @@ def _authorized(state: ServerState, headers: Any, query: Any) -> bool:
 
 def create_app(bundle: ModelBundle, config: ServingConfig, model_uri: str = "") -> FastAPI:
     """The app around a loaded bundle; starts its engine thread at startup."""
-    settings = GenerationSettings.from_params(config)
+    settings = GenerationSettings.from_params(config, recorded_sampling(bundle.meta))
     engine = Engine(bundle, settings, config.max_sessions, config.batching, config.threads)
     state = ServerState(engine, bundle, config, model_uri, os.environ.get(config.token_env) or None)
     app = FastAPI(title="Telugu S2S", version=str(PROTOCOL))

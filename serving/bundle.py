@@ -81,6 +81,11 @@ def bundle_sha(bundle_dir: Path) -> str:
     return hashlib.sha256(json.dumps(meta["sha256"], sort_keys=True).encode()).hexdigest()[:32]
 
 
+def recorded_sampling(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The sampling settings chosen for this model on the validation split, when it has them."""
+    return (meta.get("sampling") or {}).get("chosen")
+
+
 def read_meta(bundle_dir: Path) -> dict[str, Any]:
     path = Path(bundle_dir) / META_FILE
     if not path.is_file():

@@ -22,7 +22,8 @@ from serving.session import GenerationSettings, ReplySession
 
 class TeluS2SModel(mlflow.pyfunc.PythonModel):
     """Input rows: audio (float samples at the model's rate), speaker, emotion. Output rows: the
-    reply audio and its sample rate."""
+    reply audio, its sample rate and the reply's text (what the text stream says it spoke; empty
+    for a model without one)."""
 
     bundle: ModelBundle
 
@@ -34,9 +35,10 @@ class TeluS2SModel(mlflow.pyfunc.PythonModel):
         if "top_k" in given:
             given["top_k"] = given["top_k"] or None  # the signature's 0 = no top-k cut
         settings = GenerationSettings(**given)
-        replies = []
+        replies, texts = [], []
         for row in model_input.to_dict("records"):
             session = ReplySession(self.bundle, row.get("speaker", "female_young"), row.get("emotion", "neutral"),
                                    settings, seed=int(row.get("seed", 0)))
             replies.append(session.reply(np.asarray(row["audio"], dtype=np.float32)).tolist())
-        return pd.DataFrame({"audio": replies, "sample_rate": self.bundle.sample_rate})
+            texts.append(session.reply_text)
+        return pd.DataFrame({"audio": replies, "sample_rate": self.bundle.sample_rate, "text": texts})

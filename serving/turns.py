@@ -34,9 +34,13 @@ class GenerationSettings:
     guidance: float = 1.0           # classifier-free guidance on the voice controls; 1 = off (guidable models)
 
     @classmethod
-    def from_params(cls, serving: Any) -> "GenerationSettings":
-        return cls(serving.temperature, serving.top_k, serving.max_reply_seconds, serving.max_utterance_seconds,
-                   serving.min_reply_seconds, serving.guidance)
+    def from_params(cls, serving: Any, recorded: dict[str, Any] | None = None) -> "GenerationSettings":
+        """The serving section's settings; with `serving.sampling: model`, the temperature, top-k
+        and guidance a bundle records (chosen on the validation split) replace params.yaml's."""
+        chosen = recorded if recorded and getattr(serving, "sampling", "params") == "model" else {}
+        return cls(chosen.get("temperature", serving.temperature), chosen.get("top_k", serving.top_k),
+                   serving.max_reply_seconds, serving.max_utterance_seconds, serving.min_reply_seconds,
+                   chosen.get("guidance", serving.guidance))
 
 
 def check_voice(speaker: str, emotion: str) -> tuple[int, int]:

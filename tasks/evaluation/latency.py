@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from core.config import Params
 from core.labels import EMOTIONS, SPEAKERS
-from serving.bundle import ModelBundle
+from serving.bundle import ModelBundle, recorded_sampling
 from serving.engine import Engine, ReplyEvent
 from serving.session import GenerationSettings
 from tasks.data.corpus_audio import CorpusError, read_manifest
@@ -83,7 +83,7 @@ def measure_latency(bundle: ModelBundle, params: Params, utterances: list[tuple[
     torch threads (one, as one serving worker has)."""
     cfg = params.latency
     utterances = utterances or user_turns(params, cfg.utterances + cfg.warmup)
-    settings = GenerationSettings.from_params(params.serving)
+    settings = GenerationSettings.from_params(params.serving, recorded_sampling(bundle.meta))
     chunk = int(bundle.sample_rate * cfg.chunk_ms / 1000)
     firsts, rtfs = [], []
     engine = Engine(bundle, settings, max_sessions=1, threads=cfg.threads).start()

@@ -45,7 +45,7 @@ from tqdm import tqdm
 from core import atomic
 from core.config import Params
 from core.labels import EMOTIONS, SPEAKERS
-from serving.bundle import ModelBundle
+from serving.bundle import ModelBundle, recorded_sampling
 from serving.session import GenerationSettings, reply_budget
 from tasks.data.corpus_audio import CorpusError, read_manifest
 
@@ -132,6 +132,7 @@ def quality_stamp(params: Params, bundle_id: str, judges: Judges) -> dict[str, A
     return {"bundle": bundle_id, "corpus": corpus_fingerprint(params),
             "evaluators": {k: file_sha256(Path(v)) for k, v in judges.checkpoints.items()},
             "evaluation": params.evaluation.model_dump(mode="json", exclude={"out_dir", "threads"}),
+            "guidance": params.serving.guidance,
             "code": code_hash(sys.modules[__name__])}
 
 
@@ -150,9 +151,9 @@ def corpus_clips(params: Params, limit: int) -> list[Clip]:
     return [Clip(_read(data_dir, r.path), r.text, r.speaker, r.emotion) for r in rows.itertuples()]
 
 
-def reply_requests(params: Params, limit: int) -> list[ReplyRequest]:
-    """`limit` test-split pairs whose reply has a known text, taken in turn from each test
-    recording (by id), so that every recording's speakers and emotion are asked for."""
+def reply_requests(params: Params, limit: int, split: str = "test") -> list[ReplyRequest]:
+    """`limit` pairs of a split (test unless told) whose reply has a known text, taken in turn
+    from each of its recordings (by id), so that every recording's speakers and emotion are asked for."""
     data_dir = params.path(params.paths.data)
     rows = read_manifest(data_dir).set_index("segment_id")
     pairs_path = data_dir / "pairs.jsonl"
@@ -161,7 +162,7 @@ def reply_requests(params: Params, limit: int) -> list[ReplyRequest]:
     by_recording: dict[str, list[dict]] = {}
     for pair in sorted((json.loads(line) for line in pairs_path.read_text().splitlines() if line.strip()),
                        key=lambda p: p["pair_id"]):
-        if pair["split"] == "test" and rows.loc[pair["reply_segment"], "text"]:
+        if pair["split"] == split and rows.loc[pair["reply_segment"], "text"]:
             by_recording.setdefault(pair["recording_id"], []).append(pair)
     interleaved = [p for group in itertools.zip_longest(*by_recording.values()) for p in group if p]
     requests = []
@@ -172,7 +173,7 @@ def reply_requests(params: Params, limit: int) -> list[ReplyRequest]:
         if len(requests) == limit:
             break
     if not requests:
-        raise CorpusError(f"the corpus at {data_dir} has no test-split pairs with reply text")
+        raise CorpusError(f"the corpus at {data_dir} has no {split}-split pairs with reply text")
     return requests
 
 
@@ -288,10 +289,21 @@ def working_labels(matrix: list[list[int]], labels: tuple[str, ...], min_share: 
     return [label for label in labels if recall.get(label, 0.0) >= min_share and precision.get(label, 0.0) >= min_share]
 
 
+def with_sampling(params: Params, recorded: dict[str, Any] | None) -> Params:
+    """`params` whose replies are sampled with the recorded settings (under `serving.sampling: model`)."""
+    chosen = GenerationSettings.from_params(params.serving, recorded)
+    evaluation = params.evaluation.model_copy(update={"temperature": chosen.temperature, "top_k": chosen.top_k}) \
+        if recorded and params.serving.sampling == "model" else params.evaluation
+    serving = params.serving.model_copy(update={"guidance": chosen.guidance})
+    return params.model_copy(update={"evaluation": evaluation, "serving": serving})
+
+
 def evaluate_quality(bundle: ModelBundle, params: Params, bundle_id: str, parent_run_id: str | None = None,
                      use_mlflow: bool = True, force: bool = False) -> dict[str, Any]:
-    """Measure the three sets with the evaluators; write quality.json; log an MLflow run."""
+    """Measure the three sets with the evaluators; write quality.json; log an MLflow run. Replies
+    are sampled as serving would: with the bundle's validation-chosen settings when it records them."""
     started = time.monotonic()
+    params = with_sampling(params, recorded_sampling(bundle.meta))
     cfg = params.evaluation
     out = params.path(cfg.out_dir) / bundle_id / "quality.json"
     with torch_threads(cfg.threads):

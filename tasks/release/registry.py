@@ -25,8 +25,9 @@ import models
 import serving
 from core.config import Params
 from core.tracking import tracking_uri
-from serving.bundle import bundle_sha
+from serving.bundle import bundle_sha, read_meta, recorded_sampling
 from serving.pyfunc import TeluS2SModel
+from serving.turns import GenerationSettings
 from tasks.release.promotion import PromotionDecision, compare_with_champion, figures_from_tags
 from tasks.training.tracker import use_experiment
 
@@ -101,7 +102,8 @@ def register_bundle(bundle_dir: Path, params: Params, evaluation: dict[str, Any]
         code = [str(Path(m.__file__).parent) for m in (core, models, serving)]
         info = mlflow.pyfunc.log_model(name="model", python_model=TeluS2SModel(),
                                        artifacts={"bundle": str(bundle_dir)}, code_paths=code,
-                                       signature=pyfunc_signature(params), pip_requirements=_requirements(),
+                                       signature=pyfunc_signature(params, recorded_sampling(read_meta(bundle_dir))),
+                                       pip_requirements=_requirements(),
                                        registered_model_name=name)
         version = str(info.registered_model_version)
     client.update_registered_model(name, description=(
@@ -122,18 +124,19 @@ def register_bundle(bundle_dir: Path, params: Params, evaluation: dict[str, Any]
     return RegisteredVersion(name, version, aliases, run.info.run_id, reused=False)
 
 
-def pyfunc_signature(params: Params) -> Any:
-    """What the pyfunc takes and gives, with the generation settings as parameters (defaults from
-    params.yaml's serving section): without params in its signature MLflow drops them at predict."""
+def pyfunc_signature(params: Params, recorded: dict[str, Any] | None = None) -> Any:
+    """What the pyfunc takes and gives, with the generation settings as parameters (defaults: what
+    serving would use, the model's validation-chosen sampling included): without params in its
+    signature MLflow drops them at predict."""
     import pandas as pd
     from mlflow.models import infer_signature
 
-    serving = params.serving
-    settings = {"temperature": serving.temperature, "top_k": serving.top_k or 0,
-                "max_reply_seconds": serving.max_reply_seconds, "max_utterance_seconds": serving.max_utterance_seconds,
-                "min_reply_seconds": serving.min_reply_seconds, "guidance": serving.guidance}
+    chosen = GenerationSettings.from_params(params.serving, recorded)
+    settings = {"temperature": chosen.temperature, "top_k": chosen.top_k or 0,
+                "max_reply_seconds": chosen.max_reply_seconds, "max_utterance_seconds": chosen.max_utterance_seconds,
+                "min_reply_seconds": chosen.min_reply_seconds, "guidance": chosen.guidance}
     example_in = pd.DataFrame({"audio": [[0.0, 0.1]], "speaker": ["female_young"], "emotion": ["neutral"]})
-    example_out = pd.DataFrame({"audio": [[0.0, 0.1]], "sample_rate": [16000]})
+    example_out = pd.DataFrame({"audio": [[0.0, 0.1]], "sample_rate": [16000], "text": ["అవును"]})
     return infer_signature(example_in, example_out, params=settings)
 
 
