@@ -1,4 +1,4 @@
-"""TeluCodec's streaming decoder on ONNX Runtime: the samples of `decode_step`, with less overhead.
+"""TeluCodec's streaming decoder (v1 or v2) on ONNX Runtime: the samples of `decode_step`, with less overhead.
 
 Why: decoding one 20 ms frame runs some thirty small convolutions. In eager PyTorch each call
 costs tens of microseconds of dispatch and allocation, which is most of the time at batch 1 (a
@@ -7,7 +7,9 @@ exported from the model itself (codes in, quantizer lookup and decoder step, aud
 state out), so it cannot drift from the PyTorch path, and a test holds the two to 1e-5. One
 substitution is made for the export only: ELU becomes max(x, exp(min(x, 0)) - 1), the same
 function, because ONNX Runtime's Elu kernel is not vectorised (13 us for 16 x 320 values on one
-thread, against 4 us for its Exp; the four kernels together take 9 us).
+thread, against 4 us for its Exp; the four kernels together take 9 us). For v2 (models/mel_codec.py)
+the vocoder's inverse FFT and complex polar form, which ONNX has no kernel for, become the same
+sums as two matrix products with windowed cosine and sine bases (`_frames_by_matmul`).
 
 The state is explicit, as in models/streaming.py, and belongs to the caller, one per stream, so
 one decoder serves any number of streams. Two forms, the same samples:
@@ -38,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from models.codec import TeluCodec
+from models.mel_codec import CausalVocoder, MelCodec
 from models.streaming import flatten_state, unflatten_state
 
 if TYPE_CHECKING:
@@ -67,13 +70,47 @@ def _with_vectorised_elu(module: nn.Module) -> None:
             _with_vectorised_elu(child)
 
 
+def _inverse_rfft_bases(n_fft: int, window: Tensor) -> tuple[Tensor, Tensor]:
+    """(bins, n_fft) matrices with irfft(re + i im) * window = re @ cos_basis + im @ sin_basis:
+    inner bins count twice, and the imaginary parts of DC and Nyquist are ignored, as irfft does."""
+    bins = n_fft // 2 + 1
+    k = torch.arange(bins, dtype=torch.float64)[:, None]
+    n = torch.arange(n_fft, dtype=torch.float64)[None, :]
+    weight = torch.full((bins, 1), 2.0, dtype=torch.float64)
+    weight[0] = 1.0
+    if n_fft % 2 == 0:
+        weight[-1] = 1.0
+    angle = 2.0 * torch.pi * k * n / n_fft
+    cos_basis = weight * torch.cos(angle) / n_fft * window.double()
+    sin_basis = -weight * torch.sin(angle) / n_fft * window.double()
+    sin_basis[0] = 0.0
+    if n_fft % 2 == 0:
+        sin_basis[-1] = 0.0
+    return cos_basis.float(), sin_basis.float()
+
+
+def _frames_by_matmul(vocoder: CausalVocoder) -> None:
+    """Replace (in place, on a copy made for the export) the vocoder's polar + irfft + window by
+    the same sums as matrix products, which export to ONNX."""
+    cos_basis, sin_basis = _inverse_rfft_bases(vocoder.n_fft, vocoder.window)
+    bins = vocoder.n_fft // 2 + 1
+
+    def frames(h: Tensor) -> Tensor:
+        x = vocoder.head(vocoder.final_norm(h.transpose(1, 2)))
+        log_mag, phase = x.float().split([bins, bins], dim=-1)
+        magnitude = torch.exp(log_mag.clamp(max=6.0))
+        return (magnitude * torch.cos(phase)) @ cos_basis + (magnitude * torch.sin(phase)) @ sin_basis
+
+    vocoder._frames = frames
+
+
 class _DecodeStep(nn.Module):
     """codes (B, K, 1) and the non-empty flat decoder state -> audio (B, 1, hop) and its successor.
 
     Buffers of length 0 (none kept) are rebuilt here instead of crossing the graph's boundary:
     each graph input and output costs a little on every call."""
 
-    def __init__(self, codec: TeluCodec, template: list[Any], kept: list[int]) -> None:
+    def __init__(self, codec: TeluCodec | MelCodec, template: list[Any], kept: list[int]) -> None:
         super().__init__()
         self.codec = codec
         self.template = template
@@ -144,14 +181,17 @@ class OnnxStreamingDecoder:
     """`init_state(batch)` then `step(codes, state)` per frame, like TeluCodec.decode_step; or
     `init_bound_state(batch)` then `step_bound(codes, state)`, the same with less per-call cost."""
 
-    def __init__(self, codec: TeluCodec, batch: int | None = 1, threads: int = 1) -> None:
+    def __init__(self, codec: TeluCodec | MelCodec, batch: int | None = 1, threads: int = 1) -> None:
         import onnxruntime as ort
 
         self.batch = batch
         self.n_codebooks = codec.config.n_codebooks
         self.hop = codec.hop_length
         exported = copy.deepcopy(codec).eval()  # the caller's model keeps its own modules
-        _with_vectorised_elu(exported.decoder)
+        if isinstance(exported, MelCodec):
+            _frames_by_matmul(exported.vocoder)
+        else:
+            _with_vectorised_elu(exported.decoder)
         template = exported.init_decoder_state(batch or 2)
         example = flatten_state(template)
         kept = [i for i, t in enumerate(example) if t.shape[-1] > 0]

@@ -11,6 +11,7 @@ from the past fits in a small buffer. States keep the batch as their first dimen
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,13 +179,12 @@ class ResidualUnit(nn.Module):
 
 def flatten_state(state: Any) -> list[Tensor]:
     """The tensors of a (nested) streaming state in a fixed order, for runtimes that take flat
-    inputs (ONNX Runtime); `unflatten_state` rebuilds the nesting from a template."""
+    inputs (ONNX Runtime); `unflatten_state` rebuilds the nesting from a template. A state is
+    lists of dataclasses (ConvState, the vocoder's overlap-add tail...) whose tensor fields count."""
     if isinstance(state, (list, tuple)):
         return [t for item in state for t in flatten_state(item)]
-    if isinstance(state, ConvState):
-        return [state.buffer]
-    if isinstance(state, ConvTransposeState):
-        return [state.tail]
+    if dataclasses.is_dataclass(state):
+        return [value for f in dataclasses.fields(state) if isinstance(value := getattr(state, f.name), Tensor)]
     return []
 
 
@@ -192,8 +192,7 @@ def unflatten_state(template: Any, tensors: Any) -> Any:
     """Inverse of `flatten_state`: `tensors` (an iterator) laid out like `template`."""
     if isinstance(template, (list, tuple)):
         return [unflatten_state(item, tensors) for item in template]
-    if isinstance(template, ConvState):
-        return ConvState(next(tensors))
-    if isinstance(template, ConvTransposeState):
-        return ConvTransposeState(next(tensors))
+    if dataclasses.is_dataclass(template):
+        return dataclasses.replace(template, **{f.name: next(tensors) for f in dataclasses.fields(template)
+                                                if isinstance(getattr(template, f.name), Tensor)})
     return template

@@ -105,3 +105,28 @@ def test_digital_silence_codes_as_the_corpus_quietest_level() -> None:
     floor = ((codec.mel_floor - codec.mel_mean) / codec.mel_std)[None, :, None].expand_as(silence)
     torch.testing.assert_close(silence, floor)
     assert (codec.mel_floor > -11).all()   # lifted from the front end's log(1e-5) to the fitted floor
+
+
+@pytest.mark.parametrize("vocoder_n_fft", [640, 1024])
+def test_onnx_streaming_decode_equals_offline_decode(vocoder_n_fft: int) -> None:
+    """The v2 decoder on ONNX Runtime (inverse FFT as two matrix products) gives decode's samples,
+    one live stream (static shapes) and many sessions (dynamic batch) alike."""
+    import numpy as np
+
+    from models.codec_onnx import OnnxStreamingDecoder
+
+    codec = _fitted(vocoder_n_fft=vocoder_n_fft)
+    codes = torch.randint(0, 16, (3, 4, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = codec.decode(codes).numpy()
+    for batch, rows in ((None, slice(0, 3)), (1, slice(1, 2))):
+        decoder = OnnxStreamingDecoder(codec, batch=batch)
+        state, frames = decoder.init_state(rows.stop - rows.start), []
+        for f in range(codes.shape[-1]):
+            audio, state = decoder.step(codes[rows, :, f:f + 1], state)
+            frames.append(audio)
+        np.testing.assert_allclose(np.concatenate(frames, axis=-1), full[rows], atol=2e-5, rtol=0)
+    bound, frames = decoder.init_bound_state(), []
+    for f in range(codes.shape[-1]):
+        frames.append(decoder.step_bound(codes[1:2, :, f:f + 1], bound))
+    np.testing.assert_allclose(np.concatenate(frames, axis=-1), full[1:2], atol=2e-5, rtol=0)

@@ -22,7 +22,6 @@ import torch
 
 from core.checkpoints import load_checkpoint
 from core.config import Params
-from models.codec import TeluCodec
 from models.codecs import Codec, codec_from_config
 from models.s2s_transformer import S2SConfig, S2STransformer, prompt_tokens
 from tasks.training.tokenize_corpus import load_codec
@@ -103,8 +102,7 @@ def _bench_one(codec: Codec, seconds: float, frames: int, repeats: int, threads:
         frame = codes[..., :1].expand(sessions, -1, -1).contiguous()
         step_s = _median_seconds(lambda: codec.decode_step(frame, state), repeats * 4)
         batched[f"stream_decode_x_realtime_per_session_batch_{sessions}"] = round(frame_ms / (1000 * step_s / sessions), 1)
-    # ONNX Runtime decode exists for v1 only (models/codec_onnx.py).
-    onnx = _onnx_stream_decode(codec, codes, frames, repeats, frame_ms, median_ms) if codec.kind == "conv" else {}
+    onnx = _onnx_stream_decode(codec, codes, frames, repeats, frame_ms, median_ms)  # models/codec_onnx.py
     return {
         "kind": codec.kind,
         "bitrate_bps": codec.bitrate(),
@@ -121,7 +119,7 @@ def _bench_one(codec: Codec, seconds: float, frames: int, repeats: int, threads:
     }
 
 
-def _onnx_stream_decode(codec: TeluCodec, codes: torch.Tensor, frames: int, repeats: int, frame_ms: float,
+def _onnx_stream_decode(codec: Codec, codes: torch.Tensor, frames: int, repeats: int, frame_ms: float,
                         torch_median_ms: float) -> dict:
     """Per-frame streaming decode on ONNX Runtime at batch 1, and per session at 16 and 64.
 
