@@ -155,6 +155,10 @@ def eval_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = Se
              force: bool = typer.Option(False, help="retrain the evaluators even if this corpus has them"),
              out: Optional[Path] = typer.Option(None, help="also write the report here (the dvc.yaml quality stage)"),
              gate: bool = typer.Option(False, help="apply the profile's quality gate: exit code 1 when it fails"),
+             choose_sampling: bool = typer.Option(False, "--choose-sampling",
+                                                  help="a bundle folder: first choose its sampling settings on the "
+                                                       "validation split (evaluation.sampling_candidates) and record "
+                                                       "them in its bundle.json"),
              threshold: Optional[list[str]] = ThresholdOpt) -> None:
     """Measure a model's quality: MOS (DNSMOS, DistillMOS), CER, emotion and speaker control.
 
@@ -181,6 +185,19 @@ def eval_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = Se
     try:
         if folder.is_dir():
             bundle_dir = folder
+            if choose_sampling:
+                from tasks.evaluation.sampling_search import choose_sampling as choose
+
+                choice = choose(bundle_dir, params, use_mlflow=False)
+                for row in (choice or {}).get("rows", []):
+                    console.print(f"sampling {row['settings']}: errors {row['errors']:.3f} (intelligibility CER "
+                                  f"{row['intelligibility_cer']}, speaker {row['speaker_control']}, emotion "
+                                  f"{row['emotion_control']})", soft_wrap=True)
+                console.print(f"chosen on the validation split: {(choice or {}).get('chosen', 'nothing to choose')}",
+                              soft_wrap=True)
+        elif choose_sampling:
+            _fail("--choose-sampling needs a bundle folder (a registered version's bundle is read-only: the train "
+                  "flow chooses before registering)")
         else:
             uri = f"models:/{name}/{model}" if model.isdigit() else f"models:/{name}@{model}"
             bundle_dir = download_bundle(uri, tracking_uri(params.root, params.mlflow.tracking_uri))

@@ -63,9 +63,14 @@ def test_train_flow_registers_a_gated_candidate_and_reruns_from_cache(tiny_corpu
                                         "emotion": ["happy"]}), params={"max_reply_seconds": 0.5})
     assert reply["sample_rate"][0] == 16000 and 0 < len(reply["audio"][0]) <= 8000
     bundle = load_bundle("models:/telugu-s2s@champion")
+    from dataclasses import replace
+
+    from serving.bundle import recorded_sampling
     from serving.session import GenerationSettings, ReplySession
 
-    same = ReplySession(bundle, "female_young", "happy", GenerationSettings(max_reply_seconds=0.5), seed=0)
+    assert recorded_sampling(bundle.meta), "the train flow chose sampling settings on the validation split"
+    chosen = GenerationSettings.from_params(load_params("smoke").serving, recorded_sampling(bundle.meta))
+    same = ReplySession(bundle, "female_young", "happy", replace(chosen, max_reply_seconds=0.5), seed=0)
     assert np.allclose(same.reply(speech), reply["audio"][0], atol=1e-6)
     assert reply["text"][0] == same.reply_text, "the pyfunc returns the text the reply spoke"
     assert bundle.codec.config.n_codebooks == TINY["codec"]["n_codebooks"]
