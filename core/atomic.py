@@ -62,12 +62,12 @@ def _is_no_space(exc: BaseException, folder: Path) -> bool:
     text = str(exc).lower()
     if "no space left" in text or "disk quota" in text:
         return True
-    if "write" in text and "fail" in text:  # torch's "PytorchStreamWriter failed writing file"
-        try:
-            return shutil.disk_usage(folder).free < 1 << 20
-        except OSError:
-            return False
-    return False
+    # torch.save on a full disk says "[enforce fail at inline_container.cc:672] . unexpected pos
+    # 8640 vs 8534": whatever the words, a write that failed with the filesystem full is that
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
 
 
 def fsync_path(path: Path) -> None:
@@ -104,7 +104,7 @@ def atomic_path(target: Path, suffix: str = "") -> Iterator[Path]:
         os.replace(tmp, target)
         fsync_path(target.parent)
     except Exception as exc:
-        if _is_no_space(exc, target.parent):
+        if _is_no_space(exc, target.parent):  # measured while the temporary still holds its space
             tmp.unlink(missing_ok=True)
             raise DiskFullError(target, exc) from exc
         raise
@@ -182,8 +182,9 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         yield staging
         fsync_tree(staging)
     except Exception as exc:
+        full = _is_no_space(exc, target.parent)  # before the staging folder frees its space
         shutil.rmtree(staging, ignore_errors=True)
-        if _is_no_space(exc, target.parent):
+        if full:
             raise DiskFullError(target, exc) from exc
         raise
     except BaseException:
