@@ -106,10 +106,12 @@ def warn_if_digests_differ(params: Params, data_dir: Path) -> None:
         return
     differences = digests.compare(digests.read(listing), digests.tree_digests(data_dir))
     if differences:
+        tools = digests.version_differences(listing)
         get_run_logger().warning(
-            "the corpus differs from %s in %d files (%s%s); if the inputs changed on purpose, run "
+            "the corpus differs from %s in %d files (%s%s)%s; if the inputs changed on purpose, run "
             "`s2s corpus digests --write` and commit it with data.dvc", listing.name, len(differences),
-            "; ".join(differences[:5]), "; ..." if len(differences) > 5 else "")
+            "; ".join(differences[:5]), "; ..." if len(differences) > 5 else "",
+            f"; tools differ: {'; '.join(tools)}" if tools else "")
 
 
 @flow(name="data", log_prints=True)

@@ -90,5 +90,7 @@ def corpus_digests(write: bool = typer.Option(False, "--write", help="write data
     for line in differences:
         console.print(line, soft_wrap=True)
     if differences:
+        for line in digests.version_differences(listing):
+            console.print(f"[yellow]tool version[/] {line}", soft_wrap=True)
         _fail(f"{len(differences)} of {len(actual)} files differ from {listing}")
     console.print(f"all {len(actual)} files match {listing}")

@@ -293,3 +293,163 @@ def test_of_two_runs_started_together_exactly_one_gets_the_workspace(project_roo
                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = sorted(run.communicate(timeout=120)[0].strip() for run in runs)
     assert outputs[0] == "ran" and outputs[1].startswith("refused: the workspace"), outputs
+
+
+# --- training killed at random steps --------------------------------------------------------------------------
+
+def _last_step(metrics: Path) -> int:
+    try:
+        steps = [json.loads(line).get("step", 0) for line in metrics.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return 0
+    return max(steps, default=0)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "s2s.cli", *args]
+
+
+@pytest.mark.chaos
+@pytest.mark.parametrize("stage", ["codec", "s2s"])
+def test_training_killed_at_random_steps_resumes_to_identical_weights(tiny_corpus: Path, project_root: Path, chaos,
+                                                                      stage: str):
+    """SIGKILL at random steps (S2S_CHAOS_KILLS times, 3 by default), each followed by `--resume`:
+    the last checkpoint always loads, and the weights at the end equal an uninterrupted run's, bit
+    for bit."""
+    import torch
+
+    kills = int(os.environ.get("S2S_CHAOS_KILLS", "3"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    total = 40 if stage == "codec" else 24
+    sets = [*cli_sets(TINY), f"--set={stage}_train.max_steps={total}"]
+    if stage == "s2s":  # the codec it tokenizes with
+        subprocess.run(_cli("train", "codec", "--no-mlflow", *cli_sets(TINY), "--set=codec_train.max_steps=4"),
+                       check=True, env=env, capture_output=True, cwd=project_root)
+    base = ["train", stage, "--no-mlflow", *sets]
+    reference, killed = project_root / f"{stage}-reference", project_root / f"{stage}-killed"
+    subprocess.run(_cli(*base, f"--set={stage}_train.out_dir={reference}"), check=True, env=env, capture_output=True,
+                   cwd=project_root)
+
+    row = chaos.row(f"kill -9 of {stage} training at random steps, then --resume",
+                    "the last checkpoint loads after every kill; final weights equal the uninterrupted run's bit for bit")
+    metrics = killed / "metrics.jsonl"
+    resume: list[str] = []
+    checkpoint_step = 0
+    for _ in range(kills):
+        before = _last_step(metrics)
+        target = RNG.randint(before + 1, total - 1) if before + 1 <= total - 1 else total - 1
+        started = time.monotonic()
+        process = subprocess.Popen(_cli(*base, f"--set={stage}_train.out_dir={killed}", *resume), env=env,
+                                   cwd=project_root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        recovered_at = None
+        deadline = time.monotonic() + 600
+        while process.poll() is None and time.monotonic() < deadline and _last_step(metrics) < target:
+            if recovered_at is None and resume and _last_step(metrics) > checkpoint_step:
+                recovered_at = time.monotonic() - started
+            time.sleep(0.005)
+        if recovered_at is not None:
+            row.recover_seconds.append(recovered_at)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        row.injected += 1
+        try:
+            checkpoint_step = torch.load(killed / "last.pt", weights_only=False)["step"]
+        except FileNotFoundError:
+            checkpoint_step = 0  # killed before the first checkpoint: the rerun starts over, nothing lost
+        except Exception:  # a half-written checkpoint read back
+            row.corrupt_read += 1
+            raise
+        resume = ["--resume"]
+    started = time.monotonic()
+    subprocess.run(_cli(*base, f"--set={stage}_train.out_dir={killed}", "--resume"), check=True, env=env,
+                   capture_output=True, cwd=project_root)
+    want = torch.load(reference / "last.pt", weights_only=False)
+    got = torch.load(killed / "last.pt", weights_only=False)
+    assert got["step"] == want["step"] == total
+    differing = [name for name, value in want["model"].items() if not torch.equal(value, got["model"][name])]
+    assert not differing, f"weights differ from the uninterrupted run in {differing[:5]}"
+    row.recovered += kills
+
+
+# --- the server killed mid-reply ------------------------------------------------------------------------------
+
+def _talk(url: str, pcm: bytes, on_first_audio=None) -> str:
+    """One turn over the WebSocket protocol: 'reply' when reply_end came, 'closed' when the
+    connection closed under the client; a hang raises TimeoutError."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    with connect(url, open_timeout=60, max_size=None) as ws:
+        ws.send(json.dumps({"type": "start", "protocol": 1, "speaker": "male_young", "emotion": "neutral",
+                            "sample_rate": 16000, "vad": "client"}))
+        assert json.loads(ws.recv(timeout=60))["type"] == "ready"
+        for i in range(0, len(pcm), 640):
+            ws.send(pcm[i:i + 640])
+        ws.send(json.dumps({"type": "end_of_utterance"}))
+        try:
+            while True:
+                message = ws.recv(timeout=60)
+                if isinstance(message, bytes) and on_first_audio is not None:
+                    on_first_audio()
+                    on_first_audio = None
+                elif isinstance(message, str) and json.loads(message)["type"] == "reply_end":
+                    return "reply"
+        except ConnectionClosed:
+            return "closed"
+
+
+@pytest.mark.chaos
+def test_server_killed_mid_reply_closes_the_client_and_a_restart_serves(bundle_dir: Path, chaos):
+    from tasks.benchmarks.server_launcher import ServerProcess
+
+    audio = speak("నువ్వు ఈ రోజు ఏమి తిన్నావు?")
+    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+    row = chaos.row("server killed (-9) mid-reply, then restarted",
+                    "the client sees a close, not a hang; the restarted server serves a whole reply")
+    for _ in range(int(os.environ.get("S2S_CHAOS_KILLS", "3"))):
+        server = ServerProcess(str(bundle_dir), startup_timeout_s=300)
+        with server:
+            killed_at: list[float] = []
+
+            def kill() -> None:
+                server.process.send_signal(signal.SIGKILL)
+                killed_at.append(time.monotonic())
+
+            outcome = _talk(server.url, pcm, on_first_audio=kill)
+            assert outcome == "closed" and killed_at, outcome
+            row.injected += 1
+        started = time.monotonic()
+        with ServerProcess(str(bundle_dir), port=server.port, startup_timeout_s=300) as again:
+            assert _talk(again.url, pcm) == "reply"
+        row.recover_seconds.append(time.monotonic() - started)
+        row.recovered += 1
+
+
+# --- the MLflow store unreachable -----------------------------------------------------------------------------
+
+@pytest.mark.chaos
+def test_an_unreachable_mlflow_store_fails_the_run_clearly_and_the_next_run_works(tiny_corpus: Path,
+                                                                                    project_root: Path, chaos):
+    from tasks.benchmarks.server_launcher import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    base = ["train", "codec", *cli_sets(TINY), "--set=codec_train.max_steps=4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": dead, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+           "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    failed = subprocess.run(_cli(*base), env=env, capture_output=True, text=True, cwd=project_root, timeout=600)
+    assert failed.returncode == 2, failed.stderr[-2000:]
+    assert f"the MLflow store {dead} cannot be used" in failed.stdout, failed.stdout[-2000:]
+    assert "Traceback" not in failed.stdout + failed.stderr
+    started = time.monotonic()
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{project_root / 'mlflow' / 'mlflow.db'}"
+    subprocess.run(_cli(*base), env=env, check=True, capture_output=True, cwd=project_root, timeout=600)
+    import mlflow
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert [r.info.status for r in runs] == ["FINISHED"], "one run, finished; none left half-logged"
+    row = chaos.row("MLflow store unreachable when training starts",
+                    "one-line error naming the store after MLflow's configured retries; the next run logs and finishes")
+    row.injected += 1
+    row.recovered += 1
+    row.recover_seconds.append(time.monotonic() - started)

@@ -38,10 +38,45 @@ def tree_digests(folder: Path) -> dict[str, FileDigest]:
             for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
-def render(digests: dict[str, FileDigest]) -> str:
+def tool_versions() -> dict[str, str]:
+    """What computes the corpus: a machine whose corpus differs can be told whether its tools do.
+    (The Debian packages are not pinned by setup.sh: a later point release of ffmpeg or espeak-ng
+    may change audio, and through rounding a figure in the manifest.)"""
+    import subprocess
+    from importlib import metadata
+
+    versions = {}
+    for tool, args in (("ffmpeg", ["ffmpeg", "-version"]), ("espeak-ng", ["espeak-ng", "--version"])):
+        try:
+            versions[tool] = subprocess.run(args, capture_output=True, text=True).stdout.splitlines()[0][:80]
+        except (OSError, IndexError):
+            versions[tool] = "missing"
+    for package in ("numpy", "torch", "torchaudio", "silero-vad", "soundfile", "pandas", "scikit-learn",
+                    "great-expectations", "yt-dlp"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "missing"
+    return versions
+
+
+def render(digests: dict[str, FileDigest], versions: dict[str, str] | None = None) -> str:
     header = ("# sha256, size in bytes and path of every file of data/ (the corpus data.dvc pins);\n"
               "# written by `s2s corpus digests --write`, checked by tests and `s2s corpus digests --check`\n")
+    header += "".join(f"# tool {name}: {value}\n" for name, value in (versions or {}).items())
     return header + "".join(f"{d.sha256}  {d.size:>10}  {path}\n" for path, d in sorted(digests.items()))
+
+
+def recorded_versions(text: str) -> dict[str, str]:
+    """The `# tool NAME: VERSION` lines of a digest list."""
+    return dict(line[len("# tool "):].split(": ", 1) for line in text.splitlines() if line.startswith("# tool "))
+
+
+def version_differences(listing: Path) -> list[str]:
+    """Tools whose version here differs from the one the digest list was written with."""
+    recorded, here = recorded_versions(Path(listing).read_text(encoding="utf-8")), tool_versions()
+    return [f"{name}: {recorded[name]!r} when written, {here.get(name)!r} here"
+            for name in recorded if recorded[name] != here.get(name)]
 
 
 def parse(text: str) -> dict[str, FileDigest]:
@@ -61,7 +96,7 @@ def read(path: Path) -> dict[str, FileDigest]:
 
 
 def write(path: Path, digests: dict[str, FileDigest]) -> Path:
-    return atomic.write_text(path, render(digests))
+    return atomic.write_text(path, render(digests, tool_versions()))
 
 
 def compare(expected: dict[str, FileDigest], actual: dict[str, FileDigest]) -> list[str]:
