@@ -74,6 +74,8 @@ folder, out = Path(sys.argv[1]), Path(sys.argv[2])
 cfg = load_params("smoke").normalize
 recordings = [Recording("bad", p.stem, p) for p in sorted(folder.iterdir())]
 done, failures = normalize_all(recordings, cfg, out)
+from tasks.data.pinned_numerics import shutdown_worker
+shutdown_worker()  # reap the pinned child, so its peak memory is counted below
 peak_kib = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 print(json.dumps({"done": [r.recording_id for r in done], "failures": failures, "peak_mib": peak_kib / 1024}))
 """

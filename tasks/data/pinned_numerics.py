@@ -18,7 +18,9 @@ import functools
 import multiprocessing
 import os
 import platform
+import threading
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -92,16 +94,52 @@ def _environment(extra: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
+_pool: ProcessPoolExecutor | None = None
+_pool_guard = threading.Lock()
+
+
+def _worker() -> ProcessPoolExecutor:
+    """One pinned child per process, started on first use and kept: its libraries load once."""
+    global _pool
+    with _pool_guard:
+        if _pool is None:
+            with _environment(pinned_env()):
+                context = multiprocessing.get_context("spawn")  # a fresh interpreter reads the variables
+                _pool = ProcessPoolExecutor(max_workers=1, mp_context=context)
+                _pool.submit(int).result()  # start it now, while the variables are set
+        return _pool
+
+
+def shutdown_worker() -> None:
+    """Stop the pinned child (it is also stopped at exit); the next call starts a new one."""
+    global _pool
+    with _pool_guard:
+        if _pool is not None:
+            _pool.shutdown(wait=True)
+            _pool = None
+
+
+def _call(environ: dict[str, str], fn: Callable[..., T], args: tuple, kwargs: dict) -> T:
+    """In the child: the caller's environment of this call (S2S_ROOT...), the caps kept."""
+    pins = pinned_env()
+    os.environ.clear()
+    os.environ.update({**environ, **pins})
+    return fn(*args, **kwargs)
+
+
 def run_pinned(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """`fn(*args, **kwargs)` in a fresh process whose libraries load capped at AVX2 (in this
-    process when it already is). `fn` and its arguments must be picklable; its exceptions come
-    back as they were raised."""
+    """`fn(*args, **kwargs)` in a child process whose libraries loaded capped at AVX2 and one
+    thread (in this process when it already is). `fn` and its arguments must be picklable; its
+    exceptions come back as they were raised."""
+    global _pool
     if is_pinned():
         return fn(*args, **kwargs)
-    with _environment(pinned_env()):
-        context = multiprocessing.get_context("spawn")  # a fresh interpreter reads the variables
-        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-            return pool.submit(fn, *args, **kwargs).result()
+    try:
+        return _worker().submit(_call, dict(os.environ), fn, args, kwargs).result()
+    except BrokenProcessPool:  # the child died (killed, out of memory): the next call starts another
+        with _pool_guard:
+            _pool = None
+        raise
 
 
 def pinned(when: Callable[..., bool] | None = None) -> Callable[[Callable[..., T]], Callable[..., T]]:
