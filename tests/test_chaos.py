@@ -101,7 +101,7 @@ def test_corrupt_inputs_are_refused_with_reasons_in_bounded_memory(tmp_path: Pat
     row.recover_seconds.append(time.monotonic() - started)
 
 
-@pytest.mark.parametrize("failing", [pytest.param(20, id="20"), pytest.param(1000, id="1000", marks=pytest.mark.chaos)])
+@pytest.mark.parametrize("failing", [pytest.param(20, id="20"), pytest.param(1000, id="1000", marks=[pytest.mark.chaos, pytest.mark.timeout(3600)])])
 def test_failing_sources_are_each_reported_and_the_run_goes_on(tmp_path: Path, chaos, failing: int):
     """Every entry of a long source list failing (1,000 under `s2s chaos`; yt-dlp takes ~0.4 s an
     entry on a busy 2-core machine, so `make test` runs 20)."""
@@ -312,6 +312,7 @@ def _cli(*args: str) -> list[str]:
 
 
 @pytest.mark.chaos
+@pytest.mark.timeout(3600)
 @pytest.mark.parametrize("stage", ["codec", "s2s"])
 def test_training_killed_at_random_steps_resumes_to_identical_weights(tiny_corpus: Path, project_root: Path, chaos,
                                                                       stage: str):
@@ -401,6 +402,7 @@ def _talk(url: str, pcm: bytes, on_first_audio=None) -> str:
 
 
 @pytest.mark.chaos
+@pytest.mark.timeout(3600)
 def test_server_killed_mid_reply_closes_the_client_and_a_restart_serves(bundle_dir: Path, chaos):
     from tasks.benchmarks.server_launcher import ServerProcess
 
@@ -430,6 +432,7 @@ def test_server_killed_mid_reply_closes_the_client_and_a_restart_serves(bundle_d
 # --- the MLflow store unreachable -----------------------------------------------------------------------------
 
 @pytest.mark.chaos
+@pytest.mark.timeout(3600)
 def test_an_unreachable_mlflow_store_fails_the_run_clearly_and_the_next_run_works(tiny_corpus: Path,
                                                                                     project_root: Path, chaos):
     from tasks.benchmarks.server_launcher import free_port
