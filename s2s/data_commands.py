@@ -55,13 +55,14 @@ def flow_data(profile: Optional[str] = ProfileOpt,
         params = load_params(profile, overrides)
     except ConfigError as exc:
         _fail(str(exc))
+    from core.workspace_lock import WorkspaceBusy
     from flows.data_flow import data_flow
     from tasks.data.sources import SourcesError
 
     try:
         summary = data_flow(profile=params.profile, sources_file=str(sources) if sources else None,
                             overrides=overrides)
-    except (SourcesError, ConfigError) as exc:
+    except (SourcesError, ConfigError, WorkspaceBusy) as exc:
         _fail(str(exc))
     print_summary(summary)
 

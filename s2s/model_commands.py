@@ -17,6 +17,7 @@ from s2s.data_commands import print_summary
 
 def _run_gated(run) -> dict:
     """Run a flow that gates a candidate; a refused candidate or bad input ends with exit code 1/2."""
+    from core.workspace_lock import WorkspaceBusy
     from tasks.data.corpus_audio import CorpusError
     from tasks.data.sources import SourcesError
     from tasks.evaluation.gates import GateFailed
@@ -27,7 +28,7 @@ def _run_gated(run) -> dict:
         console.print(f"[bold red]candidate refused:[/] {exc}", soft_wrap=True)
         console.print("nothing was registered; the MLflow run is tagged rejected_by / rejection_reason", soft_wrap=True)
         raise typer.Exit(code=1)
-    except (SourcesError, ConfigError, CorpusError) as exc:
+    except (SourcesError, ConfigError, CorpusError, WorkspaceBusy) as exc:
         _fail(str(exc))
 
 
