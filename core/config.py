@@ -68,6 +68,7 @@ class NormalizeConfig(_Section):
     loudness_lufs: float
     true_peak_db: float
     truncation_tolerance: float
+    max_duration_s: float = 4 * 3600  # longer recordings are refused (decoding holds one whole in memory)
 
 
 class SegmentConfig(_Section):

@@ -22,7 +22,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from core.config import Params, load_params
-from tasks.data import (corpus, download, normalize, pairs, segment_checks, segment, splits, synth_corpus,
+from flows.workspace import exclusive
+from tasks.data import (corpus, digests, download, normalize, pairs, segment_checks, segment, splits, synth_corpus,
                         transcripts, version)
 from tasks.data.sources import Source, load_sources
 
@@ -96,7 +97,25 @@ def validation_rows(validation: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def warn_if_digests_differ(params: Params, data_dir: Path) -> None:
+    """Name the corpus files that differ from the committed data.digests, when there is one: a
+    changed data.dvc then says which files changed (inputs changed, or a machine computed
+    otherwise), instead of one hash for 86 MB."""
+    listing = params.root / digests.DIGESTS_FILE
+    if not listing.is_file():
+        return
+    differences = digests.compare(digests.read(listing), digests.tree_digests(data_dir))
+    if differences:
+        tools = digests.version_differences(listing)
+        get_run_logger().warning(
+            "the corpus differs from %s in %d files (%s%s)%s; if the inputs changed on purpose, run "
+            "`s2s corpus digests --write` and commit it with data.dvc", listing.name, len(differences),
+            "; ".join(differences[:5]), "; ..." if len(differences) > 5 else "",
+            f"; tools differ: {'; '.join(tools)}" if tools else "")
+
+
 @flow(name="data", log_prints=True)
+@exclusive("data flow")
 def data_flow(profile: str = "smoke", sources_file: str | None = None,
               overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build the versioned, quality-checked corpus from the sources and return its summary."""
@@ -138,6 +157,7 @@ def data_flow(profile: str = "smoke", sources_file: str | None = None,
         logger.info("corpus unchanged (fingerprint %s...): not rebuilt", fingerprint[:12])
     if params.version.enabled:
         summary.corpus_hash = version_task(params).corpus_hash
+    warn_if_digests_differ(params, data_dir)
 
     summary.extra["seconds"] = round(time.monotonic() - started, 1)
     create_markdown_artifact(key="data-summary", markdown=corpus.summary_markdown(summary),

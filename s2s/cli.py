@@ -8,7 +8,7 @@ the top layer.
 
 from __future__ import annotations
 
-from s2s import bench_commands, data_commands, model_commands, release_commands  # noqa: F401  (registers)
+from s2s import bench_commands, chaos_commands, data_commands, model_commands, release_commands  # noqa: F401  (registers)
 from s2s.common import app
 
 if __name__ == "__main__":

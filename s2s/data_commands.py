@@ -55,12 +55,43 @@ def flow_data(profile: Optional[str] = ProfileOpt,
         params = load_params(profile, overrides)
     except ConfigError as exc:
         _fail(str(exc))
+    from core.workspace_lock import WorkspaceBusy
     from flows.data_flow import data_flow
     from tasks.data.sources import SourcesError
 
     try:
         summary = data_flow(profile=params.profile, sources_file=str(sources) if sources else None,
                             overrides=overrides)
-    except (SourcesError, ConfigError) as exc:
+    except (SourcesError, ConfigError, WorkspaceBusy) as exc:
         _fail(str(exc))
     print_summary(summary)
+
+
+@corpus_app.command("digests")
+def corpus_digests(write: bool = typer.Option(False, "--write", help="write data.digests from the corpus on disk"),
+                   data: Optional[Path] = typer.Option(None, help="corpus folder (default: paths.data)"),
+                   digest_file: Optional[Path] = typer.Option(None, "--file", help="default: data.digests in the root")
+                   ) -> None:
+    """Check the corpus on disk file by file against data.digests (or write it): names what differs."""
+    from tasks.data import digests
+
+    params = load_params(None)
+    folder = data or params.path(params.paths.data)
+    listing = digest_file or params.path(digests.DIGESTS_FILE)
+    if not folder.is_dir():
+        _fail(f"no corpus at {folder}: run `s2s flow data` (or `dvc checkout data.dvc`) first")
+    actual = digests.tree_digests(folder)
+    if write:
+        digests.write(listing, actual)
+        console.print(f"{len(actual)} files listed in [bold]{listing}[/]")
+        return
+    if not listing.is_file():
+        _fail(f"no digest list at {listing}: `s2s corpus digests --write` makes one")
+    differences = digests.compare(digests.read(listing), actual)
+    for line in differences:
+        console.print(line, soft_wrap=True)
+    if differences:
+        for line in digests.version_differences(listing):
+            console.print(f"[yellow]tool version[/] {line}", soft_wrap=True)
+        _fail(f"{len(differences)} of {len(actual)} files differ from {listing}")
+    console.print(f"all {len(actual)} files match {listing}")

@@ -17,6 +17,7 @@ from s2s.data_commands import print_summary
 
 def _run_gated(run) -> dict:
     """Run a flow that gates a candidate; a refused candidate or bad input ends with exit code 1/2."""
+    from core.workspace_lock import WorkspaceBusy
     from tasks.data.corpus_audio import CorpusError
     from tasks.data.sources import SourcesError
     from tasks.evaluation.gates import GateFailed
@@ -27,7 +28,7 @@ def _run_gated(run) -> dict:
         console.print(f"[bold red]candidate refused:[/] {exc}", soft_wrap=True)
         console.print("nothing was registered; the MLflow run is tagged rejected_by / rejection_reason", soft_wrap=True)
         raise typer.Exit(code=1)
-    except (SourcesError, ConfigError, CorpusError) as exc:
+    except (SourcesError, ConfigError, CorpusError, WorkspaceBusy) as exc:
         _fail(str(exc))
 
 
@@ -245,12 +246,13 @@ def train_codec_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str
                     force: bool = ForceOpt) -> None:
     """Train TeluCodec on the corpus and score it on the test split."""
     from tasks.data.corpus_audio import CorpusError
+    from tasks.training.tracker import TrackingStoreError
     from tasks.training.train_codec import train_codec
 
     params = _params(profile, set_)
     try:
         result = train_codec(params, resume=resume, max_steps=max_steps, track=not no_mlflow, force=force)
-    except (CorpusError, FileNotFoundError, ValueError) as exc:
+    except (CorpusError, FileNotFoundError, ValueError, TrackingStoreError) as exc:
         _fail(str(exc))
     if result.metrics:
         rows = {"TeluCodec": result.metrics, **result.baselines}
@@ -272,12 +274,13 @@ def train_s2s_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]]
                   force: bool = ForceOpt) -> None:
     """Tokenize the corpus with the trained codec (if needed) and train the S2S transformer."""
     from tasks.data.corpus_audio import CorpusError
+    from tasks.training.tracker import TrackingStoreError
     from tasks.training.train_s2s import train_s2s
 
     params = _params(profile, set_)
     try:
         result = train_s2s(params, resume=resume, max_steps=max_steps, track=not no_mlflow, force=force)
-    except (CorpusError, FileNotFoundError, ValueError) as exc:
+    except (CorpusError, FileNotFoundError, ValueError, TrackingStoreError) as exc:
         _fail(str(exc))
     if result.metrics:
         _print_scores("S2S (validation split)", {"S2S": result.metrics, "uniform": result.baselines})

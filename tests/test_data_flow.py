@@ -15,6 +15,23 @@ from s2s.cli import app
 from .conftest import small_corpus_overrides
 
 pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+SMALL_CORPUS_DIGESTS = REPO / "tests" / "small_corpus.digests"
+
+
+def check_digests(data: Path, listing: Path) -> None:
+    """The corpus file by file against a committed digest list (S2S_WRITE_DIGESTS=1 rewrites it,
+    after a deliberate change of the corpus's inputs or writers)."""
+    import os
+
+    from tasks.data import digests
+
+    actual = digests.tree_digests(data)
+    if os.environ.get("S2S_WRITE_DIGESTS") == "1":
+        digests.write(listing, actual)
+    differences = digests.compare(digests.read(listing), actual)
+    assert not differences, (f"the corpus differs from {listing.name} in {len(differences)} files:\n"
+                             + "\n".join(differences[:30]))
 
 
 def test_data_flow_builds_checks_versions_and_reruns_for_free(project_root: Path, tmp_path: Path, prefect_harness):
@@ -52,6 +69,9 @@ def test_data_flow_builds_checks_versions_and_reruns_for_free(project_root: Path
     assert all(p["input_speaker"] != p["reply_speaker"] and 0 <= p["gap_s"] <= 1.5 for p in pairs)
     truth = json.loads((project_root / "artifacts/embedded/truth/ep01.json").read_text())
     assert {p["reply_emotion"] for p in pairs if p["source_id"] == "ep01"} == {truth["emotion"]}
+
+    # bit-identical on every machine: each file as the committed digest list says (a difference names the file)
+    check_digests(data, SMALL_CORPUS_DIGESTS)
 
     dvc_file = yaml.safe_load((project_root / "data.dvc").read_text())
     assert summary["corpus_hash"] == dvc_file["outs"][0]["md5"]
@@ -98,3 +118,16 @@ def test_cli_refuses_bad_input_cleanly(project_root: Path, tmp_path: Path, prefe
 
     result = runner.invoke(app, ["flow", "data", "--profile", "turbo"])
     assert result.exit_code == 2 and "unknown profile 'turbo'" in result.output
+
+
+@pytest.mark.full_corpus
+def test_the_full_embedded_corpus_matches_the_committed_digests(project_root: Path, tmp_path: Path, prefect_harness):
+    """The whole embedded corpus (what `make pipeline` builds and data.dvc pins) rebuilt from
+    scratch, file by file against data.digests. About 2 min of CPU on 2 cores, so not in `make
+    test` (the small corpus above is): `pytest -m full_corpus tests/test_data_flow.py`."""
+    from flows.data_flow import data_flow
+
+    summary = data_flow(profile="smoke", overrides={"version": {"remote_url": str(tmp_path / "dvc-remote")}})
+    check_digests(project_root / "data", REPO / "data.digests")
+    committed = yaml.safe_load((REPO / "data.dvc").read_text())["outs"][0]
+    assert summary["corpus_hash"] == committed["md5"]

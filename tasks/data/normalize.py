@@ -25,6 +25,7 @@ import torchaudio.functional as AF
 from core import atomic
 from core.config import NormalizeConfig
 from core.hashing import code_hash, file_sha256
+from tasks.data.pinned_numerics import ffmpeg_args, pinned
 
 
 class MediaError(ValueError):
@@ -99,9 +100,14 @@ def probe_audio(path: Path) -> dict:
             "codec": stream.get("codec_name", "?"), "duration": duration}
 
 
-def decode(path: Path, sample_rate: int | None = None, gain_db: float = 0.0) -> np.ndarray:
-    """Decode to float32 mono with ffmpeg (resampled and gained when asked); decode errors raise."""
+def decode(path: Path, sample_rate: int | None = None, gain_db: float = 0.0,
+           max_seconds: float | None = None) -> np.ndarray:
+    """Decode to float32 mono with ffmpeg (resampled and gained when asked); decode errors raise.
+    `max_seconds` stops the decoder there, so a file whose header understates its length cannot
+    fill the memory."""
     output_args = {"format": "f32le", "ac": 1}
+    if max_seconds:
+        output_args["t"] = f"{max_seconds:.3f}"
     if sample_rate:
         output_args["ar"] = sample_rate
     stream = ffmpeg.input(str(path))
@@ -109,7 +115,7 @@ def decode(path: Path, sample_rate: int | None = None, gain_db: float = 0.0) -> 
         stream = stream.filter("volume", f"{gain_db:.4f}dB")
     try:
         out, err = (stream.output("pipe:", **output_args)
-                    .global_args("-v", "error", "-nostdin")
+                    .global_args("-v", "error", "-nostdin", *ffmpeg_args())
                     .run(capture_stdout=True, capture_stderr=True))
     except ffmpeg.Error as exc:
         raise MediaError("unreadable", f"{path.name}: ffmpeg cannot decode it ({_last_line(exc.stderr)})") from exc
@@ -165,10 +171,16 @@ def normalize_recording(media: Path, recording_id: str, source_id: str, cfg: Nor
     if wav and wav[1] < wav[0] * (1 - cfg.truncation_tolerance) - 0.05:
         raise MediaError("truncated", f"{media.name}: truncated: the header declares {wav[0]:.1f} s of audio, "
                          f"the file holds {wav[1]:.1f} s")
-    raw = decode(media)
+    too_long = (f"{media.name}: too long: %.1f h of audio, more than normalize.max_duration_s "
+                f"({cfg.max_duration_s / 3600:.1f} h); split it into shorter recordings")
+    if max(wav[0] if wav else 0.0, info["duration"]) > cfg.max_duration_s:
+        raise MediaError("too_long", too_long % (max(wav[0] if wav else 0.0, info["duration"]) / 3600))
+    raw = decode(media, max_seconds=cfg.max_duration_s + 1)
     if raw.size == 0:
         raise MediaError("no_audio", f"{media.name}: decodes to no audio samples")
     decoded_s = raw.size / info["sample_rate"]
+    if decoded_s > cfg.max_duration_s:  # the header said less than the file holds
+        raise MediaError("too_long", too_long % (decoded_s / 3600))
     declared_s = wav[0] if wav else info["duration"] or decoded_s
     if decoded_s < declared_s * (1 - cfg.truncation_tolerance) - 0.05:
         raise MediaError("truncated", f"{media.name}: truncated: the header declares {declared_s:.1f} s of audio, "
@@ -198,6 +210,7 @@ def normalize_recording(media: Path, recording_id: str, source_id: str, cfg: Nor
     return result
 
 
+@pinned()
 def normalize_all(recordings: list, cfg: NormalizeConfig, out_dir: Path, frame_ms: int = 10
                   ) -> tuple[list[NormalizedRecording], dict[str, dict[str, str]]]:
     """Normalize every downloaded recording; a bad file is recorded with its reason, the rest go on."""

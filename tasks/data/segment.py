@@ -25,6 +25,7 @@ from core.config import SegmentConfig
 from core.hashing import code_hash
 from tasks.data import signal_figures, speakers, vad
 from tasks.data.normalize import NormalizedRecording
+from tasks.data.pinned_numerics import pinned
 from tasks.data.signal_figures import recording_power, segment_metrics
 from tasks.data.sources import Source
 from tasks.data.vad import CHUNK, SAMPLE_RATE, speech_probabilities, speech_regions
@@ -133,6 +134,12 @@ def segment_audio(audio: np.ndarray, levels: dict[str, np.ndarray], source: Sour
     } for index, region in enumerate(regions)]
 
 
+def _without_diarizer(*args, **kwargs) -> bool:
+    """Silero runs pinned in a child process; a pyannote pipeline object stays in this one."""
+    return (args[4] if len(args) > 4 else kwargs.get("diarizer")) is None
+
+
+@pinned(when=_without_diarizer)
 def segment_all(recordings: list[NormalizedRecording], sources: dict[str, Source], seg: SegmentConfig,
                 out_dir: Path, diarizer: Diarizer | None = None
                 ) -> tuple[list[dict], dict[str, dict[str, str]]]:

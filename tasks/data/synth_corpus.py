@@ -32,6 +32,7 @@ from core import atomic
 from core.config import Params
 from core.hashing import code_hash
 from core.labels import EMOTIONS, SPEAKERS
+from tasks.data.pinned_numerics import ffmpeg_args, pinned
 
 LICENCE = "CC0-1.0: text written for this project, speech synthesized with espeak-ng (GPL-3.0 program)"
 
@@ -233,7 +234,7 @@ def write_media(audio: np.ndarray, sample_rate: int, target: Path, media_format:
     pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
     with atomic.atomic_path(target, suffix=f".{media_format}") as tmp:
         subprocess.run(
-            ["ffmpeg", "-v", "error", "-y", "-f", "s16le", "-ar", str(sample_rate), "-ac", "1",
+            ["ffmpeg", "-v", "error", *ffmpeg_args(), "-y", "-f", "s16le", "-ar", str(sample_rate), "-ac", "1",
              "-i", "pipe:0", *codec, str(tmp)],
             input=pcm, check=True, capture_output=True,
         )
@@ -246,6 +247,7 @@ def truncate_file(path: Path, keep_fraction: float = 0.35) -> None:
         tmp.write_bytes(data[: int(len(data) * keep_fraction)])
 
 
+@pinned()
 def synthesize(params: Params, out_dir: Path | None = None) -> Path:
     """Render every episode, its ground truth and sources.yaml; return the sources.yaml path.
 

@@ -12,12 +12,27 @@ from core import atomic
 from core.tracking import tracking_uri
 
 
+class TrackingStoreError(RuntimeError):
+    """The MLflow store cannot be reached or is locked; the message names it and what to do."""
+
+
 def use_experiment(root: Path, uri: str | None, experiment: str) -> str:
-    """Point MLflow at the store and the experiment (created with artifacts under mlflow/)."""
+    """Point MLflow at the store and the experiment (created with artifacts under mlflow/).
+
+    A store that does not answer (a server down, a SQLite file locked by another writer) fails
+    here, before any training, with one line naming it: MLflow's own retries
+    (MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT) have run by then."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(root, uri))
-    found = mlflow.get_experiment_by_name(experiment)
+    store = tracking_uri(root, uri)
+    mlflow.set_tracking_uri(store)
+    try:
+        found = mlflow.get_experiment_by_name(experiment)
+    except Exception as exc:  # MlflowException, requests' ConnectionError, sqlalchemy's OperationalError
+        cause = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise TrackingStoreError(f"the MLflow store {store} cannot be used: {cause}. Start it (or wait for the "
+                                 "process that locks it), point MLFLOW_TRACKING_URI at one that runs, or train "
+                                 "with --no-mlflow") from exc
     if found is None:
         artifacts = root / "mlflow" / "artifacts"
         artifacts.mkdir(parents=True, exist_ok=True)
