@@ -98,5 +98,5 @@ def test_the_executive_summary_counts_targets_names_risks_and_missing_approvals(
     assert "| Latency mean < 150 ms | <= 150 | 34.6 | ✅ meets |" in text
     assert "**MOS > 4.0** is missed: 2.57 against a target of >= 4." in text
     assert "At 100 concurrent sessions the p95 first audio is 4246 ms" in text
-    assert "Still missing for `champion`: business_head" in text and "technical_lead: Lakshmi" in text
+    assert "Still missing: business_head" in text and "technical_lead: Lakshmi" in text
     assert "Training this version: $0.05." in text and "10 servers of 2 cores" in text

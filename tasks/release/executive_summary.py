@@ -67,7 +67,8 @@ def render_summary(info: dict[str, Any], params: Params, capacity: Capacity, tod
              f"evidence is its sign-off report (`s2s signoff report --version {version}`).", "",
              "## What it does", "",
              "A Telugu voice that answers speech with speech: the user talks, and the reply streams back in 20 ms "
-             "frames while it is generated, in one of 4 voices and 9 requested emotions. It runs on ordinary CPUs "
+             "frames while it is generated. The caller picks one of 4 voices and 9 emotions (how many of them "
+             "actually work is measured below). It runs on ordinary CPUs "
              "(a GPU is optional), behind a WebSocket server with a demo page, and every version is trained, "
              "gated and registered by the pipeline before anyone can serve it.", "",
              "## Figures against the targets", "",
@@ -89,10 +90,12 @@ def render_summary(info: dict[str, Any], params: Params, capacity: Capacity, tod
               *[f"- {r}" for r in risks(rows, capacity, params.inference_cost.target_p95_ms, evaluation.get("quality"))],
               "", "## Approvals", ""]
     if missing:
-        lines.append(f"Still missing for `{CHAMPION}`: {', '.join(missing)} "
+        lines.append(f"Still missing: {', '.join(missing)} "
                      f"(`s2s signoff approve --role ROLE --name NAME --version {version}`).")
     else:
         lines.append("Every required role approved.")
+    if tags.get("promoted"):
+        lines.append(f"It became `{CHAMPION}` by: {tags['promoted']}.")
     lines += [f"- {role}: {entry['name']} ({entry['at']})" for role, entry in done.items()]
     return "\n".join(lines) + "\n"
 
