@@ -53,3 +53,28 @@ def test_the_rules_read_only_metrics_that_are_exported(tmp_path):
     for rule in _rules():
         names = set(re.findall(r"\b((?:s2s|process)_[a-z_]+)\b", rule["expr"]))
         assert names and names <= exported, f"{rule['alert']}: {names - exported} not exported"
+
+
+def test_the_grafana_dashboard_queries_only_exported_metrics_and_each_is_valid_promql(tmp_path):
+    """The dashboard JSON (monitoring/grafana-dashboard.json) is not rendered here: its queries are
+    checked to read exported metrics, and each is parsed by promtool as a recording rule."""
+    import json
+
+    from serving.app import Metrics
+
+    dashboard = json.loads((REPO / "monitoring" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    collected = list(Metrics().registry.collect())
+    exported = {sample.name for metric in collected for sample in metric.samples}
+    exported |= {f"{metric.name}_total" for metric in collected if metric.type == "counter"}
+    exported |= {"s2s_training_last_log_timestamp_seconds", "s2s_training_running"}
+    for expr in exprs:
+        names = set(re.findall(r"\b((?:s2s|process)_[a-z_]+)\b", expr))
+        assert names and names <= exported, f"{expr}: {names - exported} not exported"
+    rules = {"groups": [{"name": "dashboard", "rules": [{"record": f"dashboard:query{i}", "expr": e}
+                                                         for i, e in enumerate(exprs)]}]}
+    (tmp_path / "dashboard-rules.yml").write_text(yaml.safe_dump(rules))
+    require_tool("promtool", shutil.which("promtool") is not None, "Debian package prometheus")
+    result = subprocess.run(["promtool", "check", "rules", str(tmp_path / "dashboard-rules.yml")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
