@@ -127,6 +127,23 @@ class CostConfig(_Section):
     cpu_hour_usd: float
 
 
+class CapacityFallback(_Section):
+    """The last measured serving capacity, with where it comes from (used without a load test file)."""
+    source: str
+    cores: int
+    sessions: int
+    first_audio_ms: dict[int, dict[str, float]]
+
+
+class InferenceCostConfig(_Section):
+    loadtest_json: str
+    target_p95_ms: float
+    core_hour_usd: float
+    load_sessions: int
+    hours_per_month: float
+    fallback: CapacityFallback
+
+
 class ConvCodecConfig(_Section):
     """TeluCodec v1: SEANet-style convolutions at the sample rate (models/codec.py)."""
     channels: int
@@ -405,6 +422,7 @@ class Params(_Section):
     bench: BenchConfig
     mlflow: MlflowConfig
     cost: CostConfig
+    inference_cost: InferenceCostConfig
     codec: CodecModelConfig
     codec_train: CodecTrainConfig
     tokens: TokensConfig

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -27,6 +28,22 @@ def signoff_report(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]
     console.print(f"report written to {path}")
 
 
+@signoff_app.command("summary")
+def signoff_summary(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = SetOpt,
+                    version: Optional[str] = typer.Option(None, help="model version (default: the champion)"),
+                    out: Optional[Path] = typer.Option(None, help="also write it here, e.g. EXECUTIVE_SUMMARY.md")) -> None:
+    """Write the one-page executive summary of a version (markdown; MLflow artifact of the version)."""
+    from tasks.release.executive_summary import write_summary
+
+    params = _params(profile, set_)
+    try:
+        markdown, path = write_summary(params, version, out)
+    except (LookupError, ValueError) as exc:
+        _fail(str(exc))
+    console.print(markdown, markup=False, soft_wrap=True)
+    console.print(f"summary written to {path}")
+
+
 @signoff_app.command("approve")
 def signoff_approve(role: str = typer.Option(..., help="technical_lead | project_manager | business_head"),
                     name: str = typer.Option(..., help="the reviewer's name"),
@@ -46,6 +63,23 @@ def signoff_approve(role: str = typer.Option(..., help="technical_lead | project
         console.print(f"[green]promoted to champion[/]")
     else:
         console.print(f"still needed for champion: {', '.join(status['missing'])}")
+
+
+@signoff_app.command("rollback")
+def signoff_rollback(to: str = typer.Option(..., "--to", help="the earlier champion's version number"),
+                     why: str = typer.Option(..., help="recorded on both versions"),
+                     profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = SetOpt) -> None:
+    """Make an earlier champion the champion again; restart the servers to serve it."""
+    from tasks.release.registry import mlflow_client, rollback
+
+    params = _params(profile, set_)
+    try:
+        replaced = rollback(mlflow_client(params), params.registry.model_name, to, why)
+    except (ValueError, PermissionError) as exc:
+        _fail(str(exc))
+    except Exception as exc:  # MlflowException: no such version
+        _fail(f"cannot roll back to version {to}: {exc}")
+    console.print(f"champion is now version {to} (was {replaced}); restart `s2s serve` to serve it")
 
 
 @app.command("publish")

@@ -16,6 +16,7 @@ import collections
 import hmac
 import json
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -25,14 +26,16 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import FileResponse, JSONResponse, Response
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (CollectorRegistry, Counter, Gauge, GCCollector, Histogram, Info,
+                               PlatformCollector, ProcessCollector, generate_latest)
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from core.config import ServingConfig
 from core.labels import EMOTIONS, SPEAKERS
-from serving.bundle import ModelBundle, bundle_meta_summary, recorded_sampling
+from serving.bundle import ModelBundle, bundle_meta_summary, meta_sha, recorded_sampling
 from serving.engine import Engine, ReplyEvent
+from serving.host import memory_limit_bytes
 from serving.session import GenerationSettings, SessionError, check_voice
 from serving.vad import EndOfUtterance
 
@@ -42,22 +45,81 @@ STATIC = Path(__file__).resolve().parent / "static"
 NORMAL, GOING_AWAY, POLICY, TOO_BIG, TRY_LATER = 1000, 1001, 1008, 1009, 1013
 
 
+# First audio reaches seconds under load (docs/benchmarks.md: p99 ~7.5 s at 100 sessions with
+# batching off), so the buckets go on past the 300 ms goal up to 30 s.
+FIRST_AUDIO_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 7.5, 10.0,
+                       15.0, 30.0)
+TICK_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5)
+GAP_TOLERANCE_S = 0.02  # a reply "has gaps" past one 20 ms frame of starvation in total
+
+
 @dataclass
 class Metrics:
-    """Prometheus metrics in a registry of this app (several apps may live in one test process)."""
+    """Prometheus metrics in a registry of this app (several apps may live in one test process),
+    with the process collectors (memory, CPU, file descriptors) that the default registry has."""
 
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     def __post_init__(self) -> None:
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
         self.first_audio = Histogram("s2s_first_audio_seconds", "End of utterance to first reply audio",
-                                     registry=self.registry,
-                                     buckets=(0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5))
+                                     registry=self.registry, buckets=FIRST_AUDIO_BUCKETS)
         self.sessions = Gauge("s2s_sessions", "Live WebSocket sessions", registry=self.registry)
         self.replying = Gauge("s2s_replying_sessions", "Sessions whose reply is being generated",
                               registry=self.registry)
         self.errors = Counter("s2s_errors_total", "Error frames and refusals sent, by code", ["code"],
                               registry=self.registry)
         self.replies = Counter("s2s_replies_total", "Replies streamed to the end", registry=self.registry)
+        self.model = Info("s2s_model", "The model this server serves", registry=self.registry)
+        self.tick = Histogram("s2s_engine_tick_seconds", "Duration of an engine tick that did work",
+                              registry=self.registry, buckets=TICK_BUCKETS)
+        self.queue_depth = Gauge("s2s_engine_queue_depth", "Session commands waiting for the engine thread",
+                                 registry=self.registry)
+        self.waiting = Gauge("s2s_engine_waiting_replies", "Ended utterances whose reply has not started",
+                             registry=self.registry)
+        self.heartbeat_age = Gauge("s2s_engine_heartbeat_age_seconds",
+                                   "Seconds since the engine loop last began a pass (grows when it is stuck)",
+                                   registry=self.registry)
+        self.memory_limit = Gauge("s2s_memory_limit_bytes", "Memory this process may use: the cgroup limit, "
+                                  "else the machine's memory", registry=self.registry)
+        self.memory_limit.set(memory_limit_bytes())
+        self.engine_alive = Gauge("s2s_engine_alive", "1 while the engine thread runs", registry=self.registry)
+        self.gap_seconds = Counter("s2s_playback_gap_seconds_total",
+                                   "Seconds a real-time player starting at a reply's first frame would have "
+                                   "starved, from the times the server sent the frames (network not included)",
+                                   registry=self.registry)
+        self.gap_replies = Counter("s2s_replies_with_gaps_total",
+                                   f"Replies whose frames left the server late enough to starve such a player "
+                                   f"for more than {GAP_TOLERANCE_S * 1000:g} ms in total", registry=self.registry)
+
+    def watch(self, engine: Engine, model: dict[str, str]) -> None:
+        """Read the engine's figures at each scrape, time its ticks, and label the model served."""
+        self.model.info(model)
+        engine.tick_observer = self.tick.observe
+        self.queue_depth.set_function(lambda: engine.queue_depth)
+        self.waiting.set_function(lambda: engine.waiting_replies)
+        self.heartbeat_age.set_function(lambda: time.monotonic() - engine.heartbeat)
+        self.engine_alive.set_function(lambda: float(engine.thread.is_alive()))
+
+
+@dataclass
+class PlayoutClock:
+    """A real-time player fed by this socket: it starts at the reply's first frame and plays each
+    frame for its duration; a frame sent after the player ran dry adds to the reply's gap."""
+
+    started: float | None = None
+    audio_s: float = 0.0
+    starved_s: float = 0.0
+
+    def sent(self, now: float, frame_s: float) -> None:
+        if self.started is None:
+            self.started = now
+        late = now - (self.started + self.audio_s + self.starved_s)
+        if late > 0:
+            self.starved_s += late
+        self.audio_s += frame_s
 
 
 @dataclass
@@ -102,6 +164,19 @@ class ServerState:
                 pass
 
 
+def model_labels(meta: dict[str, Any], model_uri: str) -> dict[str, str]:
+    """The s2s_model_info labels: registered name and version (from the bundle, else the URI),
+    the bundle sha (the registry's `bundle_sha` tag) and where it was loaded from."""
+    name, version = meta.get("model_name"), meta.get("registered_version") or meta.get("version")
+    match = re.match(r"models:/([^/@]+)(?:/(\d+)|@(\w+))?", model_uri or "")
+    if match:
+        name = name or match.group(1)
+        version = version or match.group(2) or match.group(3)
+    sha = meta_sha(meta) if meta.get("sha256") else ""
+    return {"name": str(name or "unknown"), "version": str(version or "unknown"), "bundle_sha": sha,
+            "uri": model_uri or ""}
+
+
 def _authorized(state: ServerState, headers: Any, query: Any) -> bool:
     if not state.token:
         return True
@@ -119,6 +194,7 @@ def create_app(bundle: ModelBundle, config: ServingConfig, model_uri: str = "") 
     state = ServerState(engine, bundle, config, model_uri, os.environ.get(config.token_env) or None)
     app = FastAPI(title="Telugu S2S", version=str(PROTOCOL))
     app.state.s2s = state
+    state.metrics.watch(engine, model_labels(bundle.meta, model_uri))
 
     @app.on_event("startup")
     async def _start() -> None:
@@ -196,6 +272,7 @@ class SocketSession:
         self.conversation: int | None = None
         self.vad: EndOfUtterance | None = None
         self.replying = False
+        self.playout = PlayoutClock()
 
     # --- outgoing ---------------------------------------------------------------------------
 
@@ -213,7 +290,9 @@ class SocketSession:
                 if item.kind == "audio":
                     pcm = (np.clip(item.pcm, -1.0, 1.0) * 32767).astype("<i2").tobytes()
                     await self.socket.send_bytes(pcm)
+                    self.playout.sent(time.monotonic(), len(item.pcm) / self.state.bundle.sample_rate)
                     continue
+                self._count_gaps()
                 if item.kind == "end":
                     self.replying = False
                     self.state.replies_total += 1
@@ -228,6 +307,15 @@ class SocketSession:
                 self.state.errors_total += 1
                 self.state.metrics.errors.labels(item["code"]).inc()
             await self.socket.send_text(json.dumps(item))
+
+    def _count_gaps(self) -> None:
+        """At the end of a reply (or its error): its playback gap, then a fresh clock."""
+        starved = self.playout.starved_s
+        if starved > 0:
+            self.state.metrics.gap_seconds.inc(starved)
+        if starved > GAP_TOLERANCE_S:
+            self.state.metrics.gap_replies.inc()
+        self.playout = PlayoutClock()
 
     # --- incoming ---------------------------------------------------------------------------
 

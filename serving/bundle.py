@@ -77,7 +77,11 @@ def export_bundle(codec_checkpoint: Path, s2s_checkpoint: Path, out_dir: Path, m
 
 def bundle_sha(bundle_dir: Path) -> str:
     """One hash for the weights of a bundle: what the registry uses to spot a re-registration."""
-    meta = read_meta(bundle_dir)
+    return meta_sha(read_meta(bundle_dir))
+
+
+def meta_sha(meta: dict[str, Any]) -> str:
+    """bundle_sha from a bundle's metadata already read (the sha256 of its weights' sha256s)."""
     return hashlib.sha256(json.dumps(meta["sha256"], sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -154,4 +158,4 @@ def bundle_meta_summary(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 __all__ = ["BundleError", "ModelBundle", "export_bundle", "load_bundle", "load_bundle_dir", "read_meta",
-           "bundle_sha", "download_bundle"]
+           "bundle_sha", "meta_sha", "download_bundle"]

@@ -154,6 +154,10 @@ class Engine:
         self.thread = threading.Thread(target=self._run, name="s2s-engine", daemon=True)
         self.ticks = 0
         self.batch_sizes: list[int] = []
+        # For /metrics: called with the seconds of each tick that did work (on the engine thread),
+        # and the loop's last pass (monotonic), which a stalled engine stops advancing.
+        self.tick_observer: Callable[[float], None] | None = None
+        self.heartbeat = time.monotonic()
 
     # --- the sessions' side (any thread) --------------------------------------------------------
 
@@ -200,6 +204,21 @@ class Engine:
     def replying(self) -> int:
         return self.live
 
+    @property
+    def queue_depth(self) -> int:
+        """Commands posted by the sessions (audio, ends, opens...) that the engine has not taken yet."""
+        return self.commands.qsize()
+
+    @property
+    def waiting_replies(self) -> int:
+        """Conversations whose utterance ended and whose reply has not started yet."""
+        for _ in range(3):  # read from another thread: the engine may add or drop one meanwhile
+            try:
+                return sum(1 for c in list(self.conversations.values()) if c.end_at is not None and c.row is None)
+            except RuntimeError:
+                continue
+        return 0
+
     def _post(self, command: tuple) -> None:
         self.commands.put(command)
         self.wake.set()
@@ -211,12 +230,15 @@ class Engine:
         with torch.inference_mode():
             while not self.stopping:
                 self.wake.clear()  # before the tick: a command posted during it sets it again
+                started = self.heartbeat = time.monotonic()
                 try:
                     worked = self.tick()
                 except Exception as exc:  # a bug must not silently stall every session
                     log.exception("engine tick failed")
                     self._fail_all(f"{type(exc).__name__}: {exc}")
                     worked = True
+                if worked and self.tick_observer is not None:
+                    self.tick_observer(time.monotonic() - started)
                 if not worked:
                     self.wake.wait(0.05)
 

@@ -8,6 +8,7 @@ uvicorn exit; a second signal exits at once.
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import uvicorn
@@ -21,7 +22,28 @@ from serving.bundle import ModelBundle, load_bundle
 def load_model(params: Params, model: str | None = None) -> tuple[ModelBundle, str]:
     """The bundle to serve and where it came from; BundleError (with the reason) when there is none."""
     uri = model or params.serving.model
-    return load_bundle(uri, tracking_uri=tracking_uri(params.root, params.mlflow.tracking_uri)), uri
+    tracking = tracking_uri(params.root, params.mlflow.tracking_uri)
+    bundle = load_bundle(uri, tracking_uri=tracking)
+    version = registered_version(uri, tracking)
+    if version:
+        bundle.meta["registered_version"] = version  # /metrics' s2s_model_info names it
+    return bundle, uri
+
+
+def registered_version(uri: str, tracking: str) -> str | None:
+    """The version number behind `models:/name@alias` or `models:/name/N`; None for a folder."""
+    match = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([\w-]+))", str(uri))
+    if not match:
+        return None
+    if match.group(2):
+        return match.group(2)
+    from mlflow import MlflowClient
+
+    try:
+        return str(MlflowClient(tracking_uri=tracking, registry_uri=tracking)
+                   .get_model_version_by_alias(match.group(1), match.group(3)).version)
+    except Exception:  # the bundle loaded, so this is a race with an alias change: leave it out
+        return None
 
 
 class DrainingServer(uvicorn.Server):

@@ -42,6 +42,7 @@ def test_train_flow_registers_a_gated_candidate_and_reruns_from_cache(tiny_corpu
     assert version.tags["gates_passed"] == "true" and version.tags["gate.latency"] == "passed"
     assert float(version.tags["s2s.perplexity"]) == pytest.approx(result["metrics"]["s2s"]["perplexity"], rel=1e-3)
     assert version.tags["corpus_hash"] == "unversioned" and version.tags["git_commit"]
+    assert "Load it:" in version.description and "mlflow.pyfunc.load_model(\"models:/telugu-s2s/1\")" in version.description
 
     # every stage is a run nested under the train run
     train_run = result["run_id"]
@@ -145,6 +146,22 @@ def test_signoff_needs_every_required_role_before_champion(tiny_corpus: Path, pr
     run_artifacts = {a.path for a in client.list_artifacts(client.get_model_version("telugu-s2s", "1").run_id,
                                                            "signoff")}
     assert "signoff/report-v1.md" in run_artifacts
+    # inference cost and the peer comparison (no load test here: the fallback capacity, its source named)
+    assert "## Inference cost" in shown.output and "params.yaml inference_cost.fallback" in shown.output
+    assert "## Comparison with published peers" in shown.output and "https://arxiv.org/abs/2409.06666" in shown.output
+    summary = CliRunner().invoke(app, ["signoff", "summary", "--out", str(project_root / "EXECUTIVE_SUMMARY.md"),
+                                       *cli_sets(manual)])
+    assert summary.exit_code == 0, summary.output
+    written = (project_root / "EXECUTIVE_SUMMARY.md").read_text()
+    assert written.startswith("# Executive summary: telugu-s2s version 1") and "Every required role approved." in written
+    run_artifacts = {a.path for a in client.list_artifacts(client.get_model_version("telugu-s2s", "1").run_id,
+                                                           "signoff")}
+    assert "signoff/executive-summary-v1.md" in run_artifacts
+    # rollback: only to a version that was champion once, and with a reason
+    never = CliRunner().invoke(app, ["signoff", "rollback", "--to", "1", "--why", " ", *cli_sets(manual)])
+    assert never.exit_code == 2 and "say why" in never.output
+    back = CliRunner().invoke(app, ["signoff", "rollback", "--to", "1", "--why", "drill", *cli_sets(manual)])
+    assert back.exit_code == 0 and "champion is now version 1" in back.output, back.output
 
     # `s2s eval` on a registered version: the same model, evaluators and settings reuse the report
     evaluated = CliRunner().invoke(app, ["eval", "--model", "1", *cli_sets(manual)])

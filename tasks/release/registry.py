@@ -114,6 +114,7 @@ def register_bundle(bundle_dir: Path, params: Params, evaluation: dict[str, Any]
                     **{k: f"{v:.4g}" for k, v in flat_metrics(evaluation).items()}}
     for key, value in version_tags.items():
         client.set_model_version_tag(name, version, key, str(value))
+    client.update_model_version(name, version, description=version_description(name, version, evaluation, tags))
     client.set_registered_model_alias(name, CHALLENGER, version)
     aliases = [CHALLENGER]
     decision = champion_comparison(client, name, flat_metrics(evaluation))
@@ -122,6 +123,34 @@ def register_bundle(bundle_dir: Path, params: Params, evaluation: dict[str, Any]
         promote(client, name, version, f"auto-promote (profile {params.profile}): {decision.reason}")
         aliases.append(CHAMPION)
     return RegisteredVersion(name, version, aliases, run.info.run_id, reused=False)
+
+
+def version_description(name: str, version: str, evaluation: dict[str, Any], tags: dict[str, str]) -> str:
+    """The version page's description in the MLflow UI: what it is, its figures, how to load it."""
+    metrics = flat_metrics(evaluation)
+    shown = [("codec STOI", "codec.stoi", "{:.3f}"), ("codec PESQ-WB", "codec.pesq_wb", "{:.2f}"),
+             ("S2S validation cross-entropy (nats)", "s2s.cross_entropy", "{:.2f}"),
+             ("first audio mean / p95 (ms)", "latency.first_audio_mean_ms", "{:.1f}"),
+             ("", "latency.first_audio_p95_ms", "{:.1f}"), ("training cost (USD)", "cost.total_usd", "{:.2f}")]
+    figures = []
+    for label, key, fmt in shown:
+        if key in metrics:
+            text = fmt.format(metrics[key])
+            if label:
+                figures.append(f"- {label}: {text}")
+            else:
+                figures[-1] += f" / {text}" if figures else ""
+    gates = ", ".join(f"{g} {'passed' if r['passed'] else 'FAILED'}" for g, r in evaluation.get("gates", {}).items())
+    return "\n".join([
+        f"Telugu speech-to-speech model (TeluCodec + S2S transformer), profile {tags.get('profile', '?')}, "
+        f"git {tags.get('git_commit', '?')}, corpus {tags.get('corpus_hash', '?')}.", "",
+        f"Gates: {gates or 'none recorded'}.", "", "Figures at registration:", *(figures or ["- none recorded"]), "",
+        "Quality (MOS, CER, emotion and speaker control) is in the quality.* tags and the sign-off report "
+        f"(`s2s signoff report --version {version}`).", "",
+        "Load it:",
+        f"- whole turns: `mlflow.pyfunc.load_model(\"models:/{name}/{version}\")` (input: audio, speaker, emotion)",
+        f"- streaming: `serving.bundle.load_bundle(\"models:/{name}/{version}\")`",
+        f"- serve it: `s2s serve --model models:/{name}/{version}`"])
 
 
 def pyfunc_signature(params: Params, recorded: dict[str, Any] | None = None) -> Any:
@@ -164,6 +193,27 @@ def promote(client: Any, name: str, version: str, why: str) -> None:
         raise PermissionError(f"{name} version {version} did not pass its gates: it cannot become {CHAMPION}")
     client.set_registered_model_alias(name, CHAMPION, version)
     client.set_model_version_tag(name, version, "promoted", why)
+
+
+def rollback(client: Any, name: str, version: str, why: str) -> str | None:
+    """Make an earlier champion the champion again (after a bad release); returns the version it
+    replaces. Refuses a version that never was champion: a new version gets there by sign-off."""
+    from mlflow.exceptions import MlflowException
+
+    if not why.strip():
+        raise ValueError("say why: --why \"...\" is recorded on the version")
+    tags = client.get_model_version(name, version).tags
+    if not tags.get("promoted"):
+        raise PermissionError(f"{name} version {version} was never {CHAMPION}: promote a new version by sign-off "
+                              "(`s2s signoff approve`), not by rollback")
+    try:
+        current = str(client.get_model_version_by_alias(name, CHAMPION).version)
+    except MlflowException:
+        current = None
+    promote(client, name, version, f"rollback from version {current}: {why.strip()}")
+    if current and current != str(version):
+        client.set_model_version_tag(name, current, "rolled_back", f"replaced by version {version}: {why.strip()}")
+    return current
 
 
 def version_info(client: Any, name: str, version: str) -> dict[str, Any]:

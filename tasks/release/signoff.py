@@ -17,6 +17,8 @@ from typing import Any
 from core import atomic
 from core.config import Params
 from tasks.evaluation.model_quality import per_label_precision, per_label_recall
+from tasks.release.comparison import comparison_section
+from tasks.release.inference_cost import cost_section, inference_cost, measured_capacity
 from tasks.release.registry import CHAMPION, mlflow_client, promote, version_info
 
 ROLES = ("technical_lead", "project_manager", "business_head")
@@ -81,8 +83,11 @@ def approvals(tags: dict[str, str]) -> dict[str, dict[str, str]]:
             for role in ROLES if f"signoff.{role}" in tags}
 
 
-def render_report(info: dict[str, Any], required_roles: list[str], tracking: str = "") -> str:
-    """The markdown report of one model version, readable without running anything."""
+def render_report(info: dict[str, Any], required_roles: list[str], tracking: str = "",
+                  serving_sections: list[str] | None = None) -> str:
+    """The markdown report of one model version, readable without running anything;
+    `serving_sections` (inference cost and the comparison, from serving_sections()) follow the
+    training cost."""
     tags, evaluation = info["tags"], info["evaluation"]
     name, version = info["name"], info["version"]
     lines = [f"# Sign-off: {name} version {version}", "",
@@ -125,6 +130,7 @@ def render_report(info: dict[str, Any], required_roles: list[str], tracking: str
     if metrics.get("cost"):
         lines += ["", "## Cost", "", "| figure | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" for k, v in metrics["cost"].items()]
+    lines += serving_sections or []
     done = approvals(tags)
     lines += ["", "## Approvals", "", f"Required for `{CHAMPION}`: {', '.join(required_roles) or 'none'}", "",
               "| role | approved by | at |", "|---|---|---|"]
@@ -135,6 +141,18 @@ def render_report(info: dict[str, Any], required_roles: list[str], tracking: str
     if tags.get("promoted"):
         lines += ["", f"Promoted to `{CHAMPION}`: {tags['promoted']}"]
     return "\n".join(lines) + "\n"
+
+
+def serving_sections(params: Params, info: dict[str, Any]) -> list[str]:
+    """Inference cost at the measured capacity, and the comparison with the published peers."""
+    tags, evaluation = info["tags"], info["evaluation"]
+    capacity = measured_capacity(params)
+    training = evaluation.get("metrics", {}).get("cost")
+    if training is None and "cost.total_usd" in tags:
+        training = {"total_usd": float(tags["cost.total_usd"])}
+    return [*cost_section(params, capacity, training),
+            *comparison_section(lambda dotted: _metric(evaluation, tags, dotted), evaluation.get("quality"),
+                                capacity, inference_cost(params, capacity))]
 
 
 def promotion_section(tags: dict[str, str]) -> list[str]:
@@ -220,7 +238,7 @@ def publish_report(params: Params, version: str | None = None, prefect: bool = T
     name = params.registry.model_name
     version = resolve_version(client, name, version)
     info = version_info(client, name, version)
-    markdown = render_report(info, params.registry.required_roles, client.tracking_uri)
+    markdown = render_report(info, params.registry.required_roles, client.tracking_uri, serving_sections(params, info))
     path = params.path(params.paths.artifacts) / "signoff" / f"{name}-v{version}.md"
     atomic.write_text(path, markdown)
     client.log_text(info["run_id"], markdown, f"signoff/report-v{version}.md")

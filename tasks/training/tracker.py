@@ -52,10 +52,11 @@ class RunTracker:
 
     def __init__(self, main: bool, use_mlflow: bool, root: Path, uri: str | None, experiment: str, run_name: str,
                  metrics_path: Path, resume_step: int, system_metrics: bool, run_id: str | None = None,
-                 parent_run_id: str | None = None) -> None:
+                 parent_run_id: str | None = None, progress_path: Path | None = None) -> None:
         self.main = main
         self.enabled = main and use_mlflow  # MLflow on the main rank only
         self.metrics_path = metrics_path
+        self.progress = TrainingProgress(progress_path, run_name) if main and progress_path else None
         self.run_id: str | None = None
         if not main:
             return
@@ -64,6 +65,8 @@ class RunTracker:
         if resume_step and metrics_path.is_file():
             kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= resume_step]
         atomic.write_text(metrics_path, "".join(l + "\n" for l in kept))
+        if self.progress is not None:
+            self.progress.write(resume_step, running=True)
         if not self.enabled:
             return
         import mlflow
@@ -80,8 +83,10 @@ class RunTracker:
                      resume_step: int, run_id: str | None, parent_run_id: str | None = None) -> "RunTracker":
         """The tracker of a training stage: its run (continued on resume, nested under the flow's
         run when there is one) and its metrics.jsonl."""
+        progress = params.path(params.paths.artifacts) / "metrics" / f"training-{stage}.prom"
         return cls(is_main, use_mlflow, params.root, params.mlflow.tracking_uri, params.mlflow.experiment, stage,
-                   out_dir / "metrics.jsonl", resume_step, params.mlflow.system_metrics, run_id, parent_run_id)
+                   out_dir / "metrics.jsonl", resume_step, params.mlflow.system_metrics, run_id, parent_run_id,
+                   progress)
 
     def log_params(self, params: dict[str, Any]) -> None:
         if self.enabled:
@@ -98,14 +103,45 @@ class RunTracker:
             self.mlflow.log_metrics(metrics, step=step)
         with open(self.metrics_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.progress is not None:
+            self.progress.write(step, running=True)
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         if self.enabled:
             self.mlflow.log_artifact(str(path), artifact_path=folder)
 
     def finish(self, status: str = "FINISHED") -> None:
+        if self.progress is not None:
+            self.progress.write(None, running=False)
         if self.enabled:
             self.mlflow.end_run(status=status)
+
+
+class TrainingProgress:
+    """The training's heartbeat for Prometheus, in the node exporter's textfile format: when it
+    last logged, at which step, and whether it is running. A run that dies or hangs leaves
+    `running` at 1 with an old timestamp, which the TrainingStoppedLogging alert catches
+    (monitoring/alerts.yml); point the node exporter's --collector.textfile.directory at the folder."""
+
+    def __init__(self, path: Path, stage: str) -> None:
+        from prometheus_client import CollectorRegistry, Gauge
+
+        self.path, self.registry = path, CollectorRegistry()
+        labels = {"labelnames": ["stage"], "registry": self.registry}
+        self.last = Gauge("s2s_training_last_log_timestamp_seconds", "When the training last logged metrics",
+                          **labels).labels(stage)
+        self.step = Gauge("s2s_training_step", "The step last logged", **labels).labels(stage)
+        self.running = Gauge("s2s_training_running", "1 while the training runs", **labels).labels(stage)
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, step: int | None, running: bool) -> None:
+        from prometheus_client import write_to_textfile
+
+        self.last.set_to_current_time()
+        if step is not None:
+            self.step.set(step)
+        self.running.set(1 if running else 0)
+        write_to_textfile(str(self.path), self.registry)  # writes a temp file, then renames it
 
 
 @contextlib.contextmanager
