@@ -22,6 +22,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from core.config import Params, load_params
+from flows.one_writer import holds_writer_slot
 from tasks.data import (corpus, download, normalize, pairs, segment_checks, segment, splits, synth_corpus,
                         transcripts, version)
 from tasks.data.sources import Source, load_sources
@@ -97,6 +98,7 @@ def validation_rows(validation: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 @flow(name="data", log_prints=True)
+@holds_writer_slot
 def data_flow(profile: str = "smoke", sources_file: str | None = None,
               overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build the versioned, quality-checked corpus from the sources and return its summary."""
