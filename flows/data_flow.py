@@ -22,6 +22,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from core.config import Params, load_params
+from flows.one_writer import holds_writer_slot
 from flows.workspace import exclusive
 from tasks.data import (corpus, digests, download, normalize, pairs, segment_checks, segment, splits, synth_corpus,
                         transcripts, version)
@@ -115,6 +116,7 @@ def warn_if_digests_differ(params: Params, data_dir: Path) -> None:
 
 
 @flow(name="data", log_prints=True)
+@holds_writer_slot
 @exclusive("data flow")
 def data_flow(profile: str = "smoke", sources_file: str | None = None,
               overrides: dict[str, Any] | None = None) -> dict[str, Any]:

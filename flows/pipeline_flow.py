@@ -20,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from core.config import Params, load_params
+from flows.one_writer import holds_writer_slot
 from flows.workspace import exclusive
 from flows.data_flow import data_flow
 from flows.train_flow import train_flow, with_thresholds
@@ -49,6 +50,7 @@ def publish_task(params: Params, bundle_dir: Path, run_id: str) -> dict[str, Any
 
 
 @flow(name="pipeline", log_prints=True)
+@holds_writer_slot
 @exclusive("pipeline flow")
 def pipeline_flow(profile: str = "smoke", sources_file: str | None = None, overrides: dict[str, Any] | None = None,
                   thresholds: dict[str, Any] | None = None, publish: bool = True) -> dict[str, Any]:

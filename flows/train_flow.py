@@ -26,6 +26,7 @@ from prefect.runtime import flow_run, task_run
 
 from core import atomic
 from core.config import Params, load_params
+from flows.one_writer import holds_writer_slot
 from flows.workspace import exclusive
 from serving.bundle import bundle_sha, load_bundle_dir, read_meta
 from tasks.evaluation import gates
@@ -121,6 +122,7 @@ def summary_markdown(result: dict[str, Any]) -> str:
 
 
 @flow(name="train", log_prints=True)
+@holds_writer_slot
 @exclusive("train flow")
 def train_flow(profile: str = "smoke", overrides: dict[str, Any] | None = None,
                thresholds: dict[str, Any] | None = None, parent_run_id: str | None = None) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets the machine up for the pipeline and its tests: the Debian packages they need when missing
-# (ffmpeg, espeak-ng; chromium and a Telugu font for the demo page test; prometheus for promtool), then the virtual
+# (ffmpeg, espeak-ng; chromium and a Telugu font for the demo page test; prometheus for promtool; PostgreSQL
+# for the scaling tests), then the virtual
 # environment (.venv) with the pinned packages. Quick the second time: apt is
 # skipped when the tools are there, and pip reuses its cache (~/.cache/pip) and the installed venv.
 set -euo pipefail
@@ -14,6 +15,8 @@ command -v chromium >/dev/null || need_apt+=(chromium)
 dpkg -s fonts-noto-core >/dev/null 2>&1 || need_apt+=(fonts-noto-core)
 # promtool, to test the alerting rules in monitoring/ (tests/test_alerts.py)
 command -v promtool >/dev/null || need_apt+=(prometheus)
+# PostgreSQL: the team-scale tests' MLflow and Prefect servers keep their state in it (docs/scaling.md)
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need_apt+=(postgresql)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"

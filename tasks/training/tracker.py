@@ -7,6 +7,7 @@ import contextlib
 import json
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import urlparse
 
 from core import atomic
 from core.tracking import tracking_uri
@@ -17,7 +18,13 @@ class TrackingStoreError(RuntimeError):
 
 
 def use_experiment(root: Path, uri: str | None, experiment: str) -> str:
-    """Point MLflow at the store and the experiment (created with artifacts under mlflow/).
+    """Point MLflow at the store and the experiment, creating it where missing.
+
+    The embedded store (SQLite under mlflow/) keeps artifacts beside it in mlflow/artifacts. Any
+    other store (a tracking server a team shares) chooses the artifact location itself: with
+    `mlflow server --serve-artifacts` that is `mlflow-artifacts:/...`, proxied to its bucket, so
+    every machine can fetch the model. A local file:// location there would put the model on the
+    first client's disk, out of the other machines' reach, so such an experiment is refused.
 
     A store that does not answer (a server down, a SQLite file locked by another writer) fails
     here, before any training, with one line naming it: MLflow's own retries
@@ -33,14 +40,33 @@ def use_experiment(root: Path, uri: str | None, experiment: str) -> str:
         raise TrackingStoreError(f"the MLflow store {store} cannot be used: {cause}. Start it (or wait for the "
                                  "process that locks it), point MLFLOW_TRACKING_URI at one that runs, or train "
                                  "with --no-mlflow") from exc
+    local = is_local_store(store)
     if found is None:
-        artifacts = root / "mlflow" / "artifacts"
-        artifacts.mkdir(parents=True, exist_ok=True)
-        experiment_id = mlflow.create_experiment(experiment, artifact_location=artifacts.as_uri())
-    else:
-        experiment_id = found.experiment_id
+        location = None
+        if local:
+            artifacts = root / "mlflow" / "artifacts"
+            artifacts.mkdir(parents=True, exist_ok=True)
+            location = artifacts.as_uri()
+        mlflow.create_experiment(experiment, artifact_location=location)
+        found = mlflow.get_experiment_by_name(experiment)
+    if not local and is_local_store(found.artifact_location):
+        raise TrackingError(
+            f"experiment {experiment!r} on {store} keeps its artifacts at {found.artifact_location}, a folder on one "
+            "machine that other clients cannot read: track through `mlflow server --serve-artifacts` (an http(s) "
+            "MLFLOW_TRACKING_URI), and if an older client created this experiment, use another experiment name "
+            "(mlflow.experiment in params.yaml) so that the server picks its own artifact store")
     mlflow.set_experiment(experiment)
-    return experiment_id
+    return found.experiment_id
+
+
+class TrackingError(RuntimeError):
+    """The tracking store is set up in a way that would lose or strand what runs log."""
+
+
+def is_local_store(store: str) -> bool:
+    """A store on this machine's disk (SQLite file, file:// or a plain path), not a shared server."""
+    scheme = urlparse(store).scheme.lower()
+    return len(scheme) <= 1 or scheme in ("file", "sqlite")  # "" or a drive letter: a path
 
 
 class RunTracker:
