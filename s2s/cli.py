@@ -8,7 +8,8 @@ the top layer.
 
 from __future__ import annotations
 
-from s2s import bench_commands, data_commands, model_commands, release_commands  # noqa: F401  (registers)
+from s2s import (bench_commands, data_commands, model_commands, pool_commands,  # noqa: F401  (registers)
+                 release_commands)
 from s2s.common import app
 
 if __name__ == "__main__":
