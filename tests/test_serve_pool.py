@@ -119,13 +119,13 @@ def test_two_replicas_behind_haproxy_roll_onto_a_new_model_without_dropping_sess
         current.unlink()  # a new champion: the roll must pick it up
         current.symlink_to(_versioned_copy(bundle_dir, tmp_path / "v2", "2"))
         result = asyncio.run(scenario())
-        final = json.loads((folder / "pool.json").read_text())
     finally:
         pool.send_signal(signal.SIGTERM)
         try:
             pool.wait(120)
         except subprocess.TimeoutExpired:
             pool.kill()
+    final = json.loads((folder / "pool.json").read_text())
     assert result["per_replica"] == [1, 1], "leastconn: the second session went to the idle replica"
     assert result["draining_health"] == 503
     for samples, controls in result["turns"]:
