@@ -122,3 +122,17 @@ def test_the_ranks_slices_make_up_the_one_process_batch():
         slices.append([rank_slice(t, DistInfo(rank, 2, 0)) for t in drawn])
     for i in range(2):
         assert torch.equal(torch.cat([s[i] for s in slices]), whole[i])
+
+
+@pytest.mark.parametrize("profile", ["smoke", "production"])
+def test_the_ranks_get_the_flows_resolved_parameters(profile: str):
+    from core.config import parse_overrides
+
+    params = load_params(profile, {"codec_train": {"lr": 1e-05}, "s2s": {"d_model": 48},
+                                   "distributed": {"nnodes": 2, "rdzv_endpoint": "10.0.0.1:29400"}})
+    command = launch.torchrun_command(params, "codec")
+    flags = [a.removeprefix("--set=") for a in command if a.startswith("--set=")]
+    assert load_params(profile, parse_overrides(flags)).model_dump() == params.model_dump()
+    assert {"--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=10.0.0.1:29400", "--nproc-per-node=1"} <= set(command)
+    single = launch.torchrun_command(load_params(profile, {"distributed": {"nproc_per_node": 2}}), "s2s")
+    assert "--standalone" in single and not launch.is_distributed(load_params(profile))
