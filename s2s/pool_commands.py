@@ -45,6 +45,7 @@ def start_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = S
                   f"--set=serving.session_drain_s={session_drain}", *(["--model", model] if model else [])]
     pool = ReplicaPool(_folder(params, folder), replicas, serve_args, host or params.serving.host,
                        port or params.serving.port, session_seconds=params.serving.max_session_seconds,
+                       max_sessions=params.serving.max_sessions,
                        drain_timeout_s=session_drain + params.serving.shutdown_grace_s + 60, haproxy=haproxy)
     console.print(f"serve-pool: {replicas} replica(s) behind HAProxy at {pool.url} "
                   f"(state: {pool.folder / 'pool.json'})", soft_wrap=True)

@@ -21,8 +21,10 @@ BACKEND = "replicas"
 
 
 def haproxy_config(listen_host: str, listen_port: int, servers: dict[str, tuple[str, int]], admin_socket: Path,
-                   session_seconds: float, check_interval_ms: int = 500) -> str:
-    """haproxy.cfg text: one frontend, one leastconn backend of `servers` (name -> host, port)."""
+                   session_seconds: float, max_sessions: int, check_interval_ms: int = 500) -> str:
+    """haproxy.cfg text: one frontend, one leastconn backend of `servers` (name -> host, port),
+    each taking at most `max_sessions` connections (more wait in HAProxy's queue, up to 30 s,
+    instead of being refused by a full replica)."""
     tunnel = max(int(session_seconds) + 60, 60)
     lines = ["global",
              "    maxconn 4096",
@@ -35,6 +37,7 @@ def haproxy_config(listen_host: str, listen_port: int, servers: dict[str, tuple[
              "    timeout server 60s",
              f"    timeout tunnel {tunnel}s",
              "    timeout http-request 10s",
+             "    timeout queue 30s",
              "",
              "frontend s2s",
              f"    bind {listen_host}:{listen_port}",
@@ -44,7 +47,7 @@ def haproxy_config(listen_host: str, listen_port: int, servers: dict[str, tuple[
              "    balance leastconn",
              "    option httpchk GET /healthz",
              "    http-check expect status 200",
-             f"    default-server inter {check_interval_ms} fall 2 rise 1",
+             f"    default-server inter {check_interval_ms} fall 2 rise 1 maxconn {max_sessions}",
              *(f"    server {name} {host}:{port} check" for name, (host, port) in servers.items())]
     return "\n".join(lines) + "\n"
 

@@ -79,6 +79,7 @@ class ReplicaPool:
     host: str = "127.0.0.1"
     port: int = 8000
     session_seconds: float = 900.0
+    max_sessions: int = 128             # per replica (serving.max_sessions): HAProxy queues past it
     drain_timeout_s: float = 960.0      # a replica still running this long after SIGTERM is killed
     startup_timeout_s: float = 300.0
     haproxy: str = "haproxy"
@@ -161,7 +162,8 @@ class ReplicaPool:
         self.write_state("starting")
         config = self.folder / "haproxy.cfg"
         servers = {r.name: ("127.0.0.1", r.port) for r in self.slots}
-        atomic.write_text(config, haproxy_config(self.host, self.port, servers, self.admin.path, self.session_seconds))
+        atomic.write_text(config, haproxy_config(self.host, self.port, servers, self.admin.path, self.session_seconds,
+                                                 self.max_sessions))
         checked = subprocess.run([self.haproxy, "-c", "-q", "-f", str(config)], capture_output=True, text=True)
         if checked.returncode != 0:
             raise PoolError(f"haproxy refused {config}:\n{checked.stdout}{checked.stderr}")
