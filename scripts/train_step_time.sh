@@ -15,15 +15,16 @@ shift $(( $# > 2 ? 2 : $# ))
 PORT=${PORT:-29511}
 OUT=artifacts/step-time
 rm -rf "$OUT"
+mkdir -p "$OUT"
 common=(--no-mlflow --set "codec_train.max_steps=$STEPS" --set codec_train.kmeans_iterations=3
         --set codec_train.eval_items=2 --set codec_train.unseen_items=2 --set codec_train.log_every=5 "$@")
 "$S2S" train codec "${common[@]}" --set "codec_train.batch_size=$BATCH" --set "codec_train.out_dir=$OUT/one" \
-    --force > "$OUT.one.log" 2>&1
+    --force > "$OUT/one.log" 2>&1
 two=(--set distributed.nnodes=2 --set "distributed.rdzv_endpoint=127.0.0.1:$PORT"
      --set "codec_train.batch_size=$((BATCH / 2))" --set "codec_train.out_dir=$OUT/two")
-"$S2S" train node --stage codec "${common[@]}" "${two[@]}" > "$OUT.node-a.log" 2>&1 &
+"$S2S" train node --stage codec "${common[@]}" "${two[@]}" > "$OUT/node-a.log" 2>&1 &
 node_a=$!
-"$S2S" train node --stage codec "${common[@]}" "${two[@]}" > "$OUT.node-b.log" 2>&1
+"$S2S" train node --stage codec "${common[@]}" "${two[@]}" > "$OUT/node-b.log" 2>&1
 wait "$node_a"
 "$HERE/.venv/bin/python" - "$OUT" "$BATCH" <<'EOF'
 import json, statistics, sys
