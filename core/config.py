@@ -209,6 +209,27 @@ class CodecTrainConfig(_TrainConfig):
     eval_items: int
 
 
+class DistributedConfig(_Section):
+    """Multi-process training through torchrun: nodes x processes; 1 x 1 trains in-process."""
+
+    nnodes: int
+    nproc_per_node: int
+    rdzv_endpoint: str                # host:port of the c10d rendezvous
+    rdzv_id: str
+    join_timeout_s: int
+
+    @field_validator("nnodes", "nproc_per_node", "join_timeout_s")
+    @classmethod
+    def _at_least_one(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc_per_node
+
+
 class TokensConfig(_Section):
     out_dir: Path
 
@@ -385,6 +406,7 @@ class ServingConfig(_Section):
     vad_threshold_dbfs: float
     token_env: str
     shutdown_grace_s: float
+    session_drain_s: float            # draining: how long live sessions may go on (0: only replies finish)
 
 
 class RegistryConfig(_Section):
@@ -425,6 +447,7 @@ class Params(_Section):
     inference_cost: InferenceCostConfig
     codec: CodecModelConfig
     codec_train: CodecTrainConfig
+    distributed: DistributedConfig
     tokens: TokensConfig
     s2s: S2SModelConfig
     s2s_train: S2STrainConfig

@@ -3,6 +3,8 @@ quality evaluation -> quality gate -> latency gate -> register.
 
 The gate sequence is tasks/evaluation/gates.py's gate_candidate (the one `s2s gates` runs too);
 the flow runs its steps as Prefect tasks and records each gate in MLflow and Prefect.
+With params.yaml `distributed` above 1 node x 1 process, the two trainings run under torchrun
+(tasks/training/launch.py) instead of in the flow's process; other nodes join with `s2s train node`.
 
 A gate that fails ends the flow there: the MLflow train run is tagged with the gate and its
 reason and ends FAILED, the Prefect run fails with the same message, and nothing is registered.
@@ -35,6 +37,7 @@ from tasks.evaluation.model_quality import evaluate_quality, flat_metrics, quali
 from tasks.evaluation.sampling_search import choose_sampling
 from tasks.release import candidate, flow_runs
 from tasks.release.registry import RegisteredVersion, register_bundle
+from tasks.training import launch
 from tasks.training.train_codec import CodecTrainResult, train_codec
 from tasks.training.train_s2s import S2STrainResult, train_s2s
 
@@ -57,12 +60,16 @@ def _resume_on_retry(checkpoint: Path) -> bool:
 @task(name="train-codec", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
 def train_codec_task(params: Params, parent_run_id: str) -> CodecTrainResult:
     resume = _resume_on_retry(params.path(params.codec_train.out_dir) / "last.pt")
+    if launch.is_distributed(params):  # torchrun on nodes x processes (params.yaml distributed)
+        return CodecTrainResult(**launch.run_stage(params, "codec", resume=resume, parent_run_id=parent_run_id))
     return train_codec(params, resume=resume, parent_run_id=parent_run_id)
 
 
 @task(name="train-s2s", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
 def train_s2s_task(params: Params, parent_run_id: str) -> S2STrainResult:
     resume = _resume_on_retry(params.path(params.s2s_train.out_dir) / "last.pt")
+    if launch.is_distributed(params):
+        return S2STrainResult(**launch.run_stage(params, "s2s", resume=resume, parent_run_id=parent_run_id))
     return train_s2s(params, resume=resume, parent_run_id=parent_run_id)
 
 

@@ -8,7 +8,8 @@ the top layer.
 
 from __future__ import annotations
 
-from s2s import bench_commands, chaos_commands, data_commands, model_commands, release_commands  # noqa: F401  (registers)
+from s2s import (bench_commands, chaos_commands, data_commands, model_commands,  # noqa: F401  (registers)
+                 pool_commands, release_commands)
 from s2s.common import app
 
 if __name__ == "__main__":

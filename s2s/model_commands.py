@@ -14,6 +14,9 @@ from s2s.common import (ForceOpt, ProfileOpt, SetOpt, ThresholdOpt, _fail, _para
                         console, flow_app, train_app)
 from s2s.data_commands import print_summary
 
+ParentRunOpt = typer.Option(None, "--parent-run-id", help="MLflow run to nest this stage's run under (the train "
+                                                         "flow's, when it launches the stage through torchrun)")
+
 
 def _run_gated(run) -> dict:
     """Run a flow that gates a candidate; a refused candidate or bad input ends with exit code 1/2."""
@@ -243,16 +246,18 @@ def train_codec_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str
                     resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint"),
                     max_steps: Optional[int] = typer.Option(None, help="stop after this many steps in all"),
                     no_mlflow: bool = typer.Option(False, "--no-mlflow", help="do not log to MLflow"),
-                    force: bool = ForceOpt) -> None:
+                    force: bool = ForceOpt, parent_run_id: Optional[str] = ParentRunOpt) -> None:
     """Train TeluCodec on the corpus and score it on the test split."""
     from tasks.data.corpus_audio import CorpusError
+    from tasks.training.shards import SharedFolderError
     from tasks.training.tracker import TrackingStoreError
     from tasks.training.train_codec import train_codec
 
     params = _params(profile, set_)
     try:
-        result = train_codec(params, resume=resume, max_steps=max_steps, track=not no_mlflow, force=force)
-    except (CorpusError, FileNotFoundError, ValueError, TrackingStoreError) as exc:
+        result = train_codec(params, resume=resume, max_steps=max_steps, track=not no_mlflow, force=force,
+                             parent_run_id=parent_run_id)
+    except (CorpusError, FileNotFoundError, ValueError, SharedFolderError, TrackingStoreError) as exc:
         _fail(str(exc))
     if result.metrics:
         rows = {"TeluCodec": result.metrics, **result.baselines}
@@ -271,16 +276,18 @@ def train_s2s_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]]
                   resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint"),
                   max_steps: Optional[int] = typer.Option(None, help="stop after this many steps in all"),
                   no_mlflow: bool = typer.Option(False, "--no-mlflow", help="do not log to MLflow"),
-                  force: bool = ForceOpt) -> None:
+                  force: bool = ForceOpt, parent_run_id: Optional[str] = ParentRunOpt) -> None:
     """Tokenize the corpus with the trained codec (if needed) and train the S2S transformer."""
     from tasks.data.corpus_audio import CorpusError
+    from tasks.training.shards import SharedFolderError
     from tasks.training.tracker import TrackingStoreError
     from tasks.training.train_s2s import train_s2s
 
     params = _params(profile, set_)
     try:
-        result = train_s2s(params, resume=resume, max_steps=max_steps, track=not no_mlflow, force=force)
-    except (CorpusError, FileNotFoundError, ValueError, TrackingStoreError) as exc:
+        result = train_s2s(params, resume=resume, max_steps=max_steps, track=not no_mlflow, force=force,
+                           parent_run_id=parent_run_id)
+    except (CorpusError, FileNotFoundError, ValueError, SharedFolderError, TrackingStoreError) as exc:
         _fail(str(exc))
     if result.metrics:
         _print_scores("S2S (validation split)", {"S2S": result.metrics, "uniform": result.baselines})
@@ -288,6 +295,29 @@ def train_s2s_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]]
             console.print("[dim]reused the finished run: tokens, settings and code unchanged (--force retrains)[/]")
         console.print(f"{result.steps} steps in {result.seconds:.0f} s; checkpoint {result.checkpoint}; "
                       f"MLflow run {result.run_id}")
+
+
+@train_app.command("node")
+def train_node_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = SetOpt,
+                   stage: Optional[list[str]] = typer.Option(None, help="codec or s2s (repeatable; default: both, "
+                                                                        "in the flow's order)"),
+                   no_mlflow: bool = typer.Option(False, "--no-mlflow", help="do not log to MLflow")) -> None:
+    """Join a multi-node train flow from another machine: the flow's torchrun launches (params.yaml
+    `distributed`), with the same profile and --set overrides as the flow (docs/scaling.md)."""
+    from tasks.training.launch import STAGES, LaunchError, run_node
+
+    params = _params(profile, set_)
+    stages = stage or list(STAGES)
+    if unknown := [s for s in stages if s not in STAGES]:
+        _fail(f"unknown stage {unknown[0]!r}: {' or '.join(STAGES)}")
+    if params.distributed.nnodes < 2:
+        _fail(f"distributed.nnodes is {params.distributed.nnodes}: a node joins only a multi-node training "
+              "(--set distributed.nnodes=2 ...)")
+    try:
+        run_node(params, stages, track=not no_mlflow)
+    except LaunchError as exc:
+        _fail(str(exc))
+    console.print(f"node finished: {', '.join(stages)}")
 
 
 def _print_scores(title: str, rows: dict[str, dict[str, float]]) -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets the machine up for the pipeline and its tests: the Debian packages they need when missing
-# (ffmpeg, espeak-ng; chromium and a Telugu font for the demo page test; prometheus for promtool; PostgreSQL
-# for the scaling tests), then the virtual
+# (ffmpeg, espeak-ng; chromium and a Telugu font for the demo page test; prometheus for promtool;
+# PostgreSQL for the scaling tests; haproxy for the serving pool), then the virtual
 # environment (.venv) with the pinned packages. Quick the second time: apt is
 # skipped when the tools are there, and pip reuses its cache (~/.cache/pip) and the installed venv.
 set -euo pipefail
@@ -11,6 +11,8 @@ need_apt=()
 command -v ffmpeg >/dev/null || need_apt+=(ffmpeg)
 command -v espeak-ng >/dev/null || need_apt+=(espeak-ng)
 command -v chromium >/dev/null || need_apt+=(chromium)
+# the balancer in front of `s2s serve` replicas (s2s serve-pool, tests/test_serve_pool.py)
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need_apt+=(haproxy)
 # Telugu glyphs for the demo page's labels (tests/test_demo_page.py screenshots it)
 dpkg -s fonts-noto-core >/dev/null 2>&1 || need_apt+=(fonts-noto-core)
 # promtool, to test the alerting rules in monitoring/ (tests/test_alerts.py)

@@ -151,8 +151,13 @@ class ServerState:
                 "uptime_s": round(time.time() - self.started, 1)}
 
     async def drain(self, grace: float) -> None:
-        """Refuse new sessions, let replies in flight finish (up to `grace` s), close the rest."""
+        """Refuse new sessions (and answer /healthz 503, so a balancer routes elsewhere), let live
+        sessions go on until they end or config.session_drain_s passes, then let replies in flight
+        finish (up to `grace` s) and close the rest."""
         self.draining = True
+        sessions_deadline = time.monotonic() + self.config.session_drain_s
+        while self.sockets and time.monotonic() < sessions_deadline:
+            await asyncio.sleep(0.1)
         deadline = time.monotonic() + grace
         while self.engine.replying and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -207,9 +212,13 @@ def create_app(bundle: ModelBundle, config: ServingConfig, model_uri: str = "") 
         engine.stop()
 
     @app.get("/healthz")
-    async def healthz() -> dict[str, Any]:
-        return {"status": "draining" if state.draining else "ok", "model": model_uri,
-                "engine": engine.thread.is_alive()}
+    async def healthz() -> Response:
+        """200 while this server takes sessions; 503 while draining or once the engine thread has
+        died, which is what takes a replica out of HAProxy's rotation (docs/scaling.md)."""
+        alive = engine.thread.is_alive()
+        status = "draining" if state.draining else "ok" if alive else "engine_dead"
+        return JSONResponse({"status": status, "model": model_uri, "engine": alive},
+                            status_code=200 if status == "ok" else 503)
 
     @app.get("/stats")
     async def stats(request: Request) -> Response:

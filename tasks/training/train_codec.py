@@ -37,6 +37,7 @@ from tasks.training.curve import record_point, snapshot_path
 from tasks.training.device import autocast, init_distributed, select_device
 from tasks.training.provenance import corpus_fingerprint, run_tags
 from tasks.training.rng import step_generator
+from tasks.training.shards import check_same_stamp, check_shared_folder, rank_slice
 from tasks.training.stage_cache import cached_result, write_stamp
 from tasks.training.tracker import RunTracker, tracked
 
@@ -129,7 +130,7 @@ def training_stamp(params: Params, max_steps: int | None, world_size: int) -> di
     """Everything a finished codec run depends on: corpus, settings and the code that trains it."""
     import core.checkpoints, models.codec, models.mel_codec, models.quantizer, models.streaming  # noqa: E401
     import tasks.data.corpus_audio, tasks.evaluation.codec_baselines, tasks.evaluation.unseen_voices  # noqa: E401
-    import tasks.training.codec_voices, tasks.training.device, tasks.training.rng  # noqa: E401
+    import tasks.training.codec_voices, tasks.training.device, tasks.training.rng, tasks.training.shards  # noqa: E401
 
     return {"stage": "codec", **corpus_fingerprint(params), "codec": params.codec.architecture(),
             "train": params.codec_train.model_dump(mode="json"), "max_steps": max_steps, "world_size": world_size,
@@ -137,7 +138,7 @@ def training_stamp(params: Params, max_steps: int | None, world_size: int) -> di
                               tasks.data.corpus_audio, tasks.evaluation.codec_baselines,
                               tasks.evaluation.unseen_voices, tasks.training.codec_voices,
                               core.checkpoints, tasks.training.device,
-                              tasks.training.rng,
+                              tasks.training.rng, tasks.training.shards,
                               sys.modules[__name__])}
 
 
@@ -170,12 +171,15 @@ def conv_losses(net: torch.nn.Module, batch: torch.Tensor, cfg, sample_rate: int
                                     "waveform_snr_db": -float(waveform), "commitment": float(out.commitment_loss)}
 
 
-def mel_losses(net: torch.nn.Module, model: MelCodec, batch: torch.Tensor, cfg, generator: torch.Generator,
+def augment_gains(rows: int, cfg, generator: torch.Generator) -> torch.Tensor:
+    """v2: a random gain of +-gain_augment_db per crop, (rows, 1, 1)."""
+    return 10 ** (torch.empty(rows, 1, 1).uniform_(-cfg.gain_augment_db, cfg.gain_augment_db, generator=generator) / 20)
+
+
+def mel_losses(net: torch.nn.Module, model: MelCodec, batch: torch.Tensor, gains: torch.Tensor,
                device: torch.device):
     """v2: only the vocoder learns, from the quantized mel of a gain-augmented crop to the crop
     itself at the codec's delay; spectral losses only (a vocoder chooses its own phase)."""
-    gains = 10 ** (torch.empty(len(batch), 1, 1).uniform_(-cfg.gain_augment_db, cfg.gain_augment_db,
-                                                          generator=generator) / 20)
     batch = (batch * gains.to(batch.device)).clamp(-1, 1)
     with torch.no_grad():
         mel = model.quantizer.decode(model.encode(batch))
@@ -196,7 +200,9 @@ def train_codec(params: Params, resume: bool = False, max_steps: int | None = No
     dist_info = init_distributed(device)
     out_dir = params.path(cfg.out_dir)
     checkpoint_path = out_dir / "last.pt"
+    check_shared_folder(out_dir, dist_info)
     stamp = training_stamp(params, max_steps, dist_info.world_size)
+    check_same_stamp(stamp, dist_info)
     if not (resume or force) and (cached := cached_result(out_dir, stamp)) is not None:
         return CodecTrainResult(**{**cached, "cached": True})
     (out_dir / "stamp.json").unlink(missing_ok=True)  # the checkpoint is about to change
@@ -245,11 +251,14 @@ def train_codec(params: Params, resume: bool = False, max_steps: int | None = No
         window_start, window_steps, scoring_seconds = time.monotonic(), 0, 0.0
         model.train()
         while step < total:
-            generator = step_generator(cfg.seed, step, dist_info.rank)
-            batch = random_crops(clips, cfg.batch_size, crop, generator).to(device)
+            generator = step_generator(cfg.seed, step)  # the global batch, the same on every rank
+            batch = random_crops(clips, cfg.batch_size * dist_info.world_size, crop, generator)
             if isinstance(model, MelCodec):
-                loss, pred, target, logged = mel_losses(net, model, batch, cfg, generator, device)
+                gains = rank_slice(augment_gains(len(batch), cfg, generator), dist_info)
+                batch = rank_slice(batch, dist_info).to(device)
+                loss, pred, target, logged = mel_losses(net, model, batch, gains, device)
             else:
+                batch = rank_slice(batch, dist_info).to(device)
                 loss, pred, target, logged = conv_losses(net, batch, cfg, model.config.sample_rate, device)
             if discriminator is not None:
                 disc_optimizer.zero_grad(set_to_none=True)
@@ -269,7 +278,8 @@ def train_codec(params: Params, resume: bool = False, max_steps: int | None = No
             if step % cfg.log_every == 0 or step == total:
                 elapsed = time.monotonic() - window_start
                 realtime = window_steps * cfg.batch_size * cfg.crop_seconds * dist_info.world_size / max(elapsed, 1e-9)
-                tracker.log_metrics({**logged, "audio_x_realtime": realtime}, step)
+                tracker.log_metrics({**logged, "audio_x_realtime": realtime,
+                                     "step_seconds": elapsed / max(window_steps, 1)}, step)
                 bar.set_postfix(loss=f"{logged['loss']:.3f}", xrt=f"{realtime:.0f}")
                 window_start, window_steps = time.monotonic(), 0
             if dist_info.is_main and (step % cfg.checkpoint_every == 0 or step == total):

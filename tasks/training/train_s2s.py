@@ -34,6 +34,7 @@ from tasks.training.curve import record_point, snapshot_path
 from tasks.training.device import autocast, init_distributed, select_device
 from tasks.training.provenance import corpus_fingerprint, run_tags
 from tasks.training.rng import step_generator
+from tasks.training.shards import check_same_stamp, check_shared_folder, rank_slice
 from tasks.training.stage_cache import cached_result, write_stamp
 from tasks.training.tokenize_corpus import load_tokens, tokenize_corpus
 from tasks.training.tracker import RunTracker, tracked
@@ -159,13 +160,14 @@ def training_stamp(params: Params, tokens_dir: Path, max_steps: int | None, worl
     """Everything a finished S2S run depends on: the tokens (so the codec), pairs, settings, code,
     and with a text stream the alignments."""
     import core.checkpoints, models.s2s_transformer, tasks.training.device, tasks.training.rng  # noqa: E401
+    import tasks.training.shards  # noqa: E401
     import tasks.training.tokenize_corpus  # noqa: E401
 
     stamp = {"stage": "s2s", **corpus_fingerprint(params), "tokens": json.loads((tokens_dir / "stamp.json").read_text()),
              "s2s": params.s2s.model_dump(mode="json"), "train": params.s2s_train.model_dump(mode="json"),
              "max_steps": max_steps, "world_size": world_size,
              "code": code_hash(models.s2s_transformer, tasks.training.tokenize_corpus, core.checkpoints,
-                               tasks.training.device, tasks.training.rng,
+                               tasks.training.device, tasks.training.rng, tasks.training.shards,
                                sys.modules[__name__])}
     if aligned is not None:
         stamp["align"] = json.loads((Path(aligned.out_dir) / "stamp.json").read_text())
@@ -180,6 +182,7 @@ def train_s2s(params: Params, resume: bool = False, max_steps: int | None = None
     dist_info = init_distributed(device)
     out_dir = params.path(cfg.out_dir)
     checkpoint_path = out_dir / "last.pt"
+    check_shared_folder(out_dir, dist_info)
     tokens_dir = tokenize_corpus(params) if dist_info.is_main else params.path(params.tokens.out_dir)
     if dist_info.world_size > 1:
         torch.distributed.barrier()
@@ -193,6 +196,7 @@ def train_s2s(params: Params, resume: bool = False, max_steps: int | None = None
         if aligned is None:  # other ranks read the finished stage
             aligned = align_corpus(params, use_mlflow=False)
     stamp = training_stamp(params, tokens_dir, max_steps, dist_info.world_size, aligned)
+    check_same_stamp(stamp, dist_info)
     if not (resume or force) and (cached := cached_result(out_dir, stamp)) is not None:
         return S2STrainResult(**{**cached, "cached": True})
     if dist_info.is_main:
@@ -234,14 +238,17 @@ def train_s2s(params: Params, resume: bool = False, max_steps: int | None = None
                             "total_steps": total})
         tracker.set_tags(run_tags(params, "s2s"))
         bar = tqdm(total=total, initial=step, desc="train s2s", unit="step", disable=not dist_info.is_main)
-        window_start, window_tokens, scoring_seconds = time.monotonic(), 0, 0.0
+        window_start, window_tokens, window_steps, scoring_seconds = time.monotonic(), 0, 0, 0.0
         model.train()
         while step < total:
-            generator = step_generator(cfg.seed, step, dist_info.rank)
-            indices = torch.randint(len(train_pairs), (cfg.batch_size,), generator=generator).tolist()
+            generator = step_generator(cfg.seed, step)  # the global batch, the same on every rank
+            indices = torch.randint(len(train_pairs), (cfg.batch_size * dist_info.world_size,), generator=generator)
+            dropped = (torch.rand(len(indices), generator=generator) < cfg.condition_dropout
+                       if config.guidable and cfg.condition_dropout > 0 else None)
+            indices = rank_slice(indices, dist_info).tolist()
             inputs, targets, speaker, emotion = make_batch(train_pairs, indices, config)
-            if config.guidable and cfg.condition_dropout > 0:  # the null condition guidance contrasts with
-                dropped = torch.rand(len(indices), generator=generator) < cfg.condition_dropout
+            if dropped is not None:  # the null condition guidance contrasts with
+                dropped = rank_slice(dropped, dist_info)
                 speaker = speaker.masked_fill(dropped, config.null_speaker)
                 emotion = emotion.masked_fill(dropped, config.null_emotion)
             inputs, targets, speaker, emotion = (t.to(device) for t in (inputs, targets, speaker, emotion))
@@ -257,12 +264,15 @@ def train_s2s(params: Params, resume: bool = False, max_steps: int | None = None
             step += 1
             window_tokens += int((targets[:, int(config.text_stream):] != config.pad_id).sum())  # audio codes
             bar.update(1)
+            window_steps += 1
             if step % cfg.log_every == 0 or step == total:
-                rate = window_tokens * dist_info.world_size / max(time.monotonic() - window_start, 1e-9)
+                elapsed = time.monotonic() - window_start
+                rate = window_tokens * dist_info.world_size / max(elapsed, 1e-9)
                 tracker.log_metrics({"loss": float(loss), "perplexity": math.exp(min(float(loss), 50.0)),
-                                     "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": rate}, step)
+                                     "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": rate,
+                                     "step_seconds": elapsed / max(window_steps, 1)}, step)
                 bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{rate:.0f}")
-                window_start, window_tokens = time.monotonic(), 0
+                window_start, window_tokens, window_steps = time.monotonic(), 0, 0
             if dist_info.is_main and (step % cfg.checkpoint_every == 0 or step == total):
                 save_checkpoint(checkpoint_path, model=model.state_dict(), config=asdict(config),
                                 codec_config=codec_config, optimizer=optimizer.state_dict(), step=step,
