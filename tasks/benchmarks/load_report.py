@@ -211,7 +211,9 @@ _PLAYBACK_HOW = ("Playback gap: from the arrival time of every reply frame, the 
                  "(starting {buffer:g} ms after the first frame, then playing each frame's samples in turn) would "
                  "have had nothing to play; a reply with any gap stutters. Levers: the engine's deadline "
                  "scheduling, chunked encoding and precision as configured (on) or all off "
-                 "(serving.ahead_ms=0, encode_hops=1, precision=fp32).")
+                 "(serving.ahead_ms=0, encode_hops=1, precision=fp32). With deadline scheduling a reply is "
+                 "sent about as fast as it plays (plus serving.ahead_ms), so its RTF is near 1 by design; "
+                 "the playback gap says whether it kept up.")
 
 
 def _gap_cells(playback: dict[str, Any] | None) -> list[str]:

@@ -245,5 +245,5 @@ def _soak(url: str, pid: int | None, clients: int, seconds: float, every: float,
 
     result = asyncio.run(soak(url, clients, seconds, utterances, token, speakers=speakers, emotions=emotions,
                               turns_per_session=turns_per_session, sample_every_s=every, server_pid=pid,
-                              on_sample=show, **{k: v for k, v in options.items() if k != "deflate"}))
+                              on_sample=show, **{k: v for k, v in options.items() if k not in ("deflate", "playback_buffer_ms")}))
     return result.summary()
