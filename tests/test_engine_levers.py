@@ -193,3 +193,29 @@ def test_capacity_search():
     assert measured == [75, 62, 68, 71] and result["sessions"] == 68 and result["failed_at"] == 71
     assert result["sessions_per_core"] == 34.0
     assert [p["passed"] for p in result["probes"]] == [False, True, True, False]
+
+
+def test_the_latency_gate_and_the_signoff_quote_the_recorded_capacity(tmp_path: Path):
+    import json
+
+    from core.config import LatencyGate
+    from tasks.benchmarks.capacity import recorded_capacity
+    from tasks.evaluation.gates import latency_gate
+    from tasks.release.signoff import render_report
+
+    assert recorded_capacity(tmp_path / "missing.json") is None
+    (tmp_path / "loadtest.json").write_text(json.dumps({"capacity": {"sessions": 70, "sessions_per_core": 35.0,
+                                                                     "cores": 2}}))
+    figures = {"first_audio_mean_ms": 40.0, "first_audio_p95_ms": 60.0, "first_audio_std_ms": 5.0,
+               **recorded_capacity(tmp_path / "loadtest.json")}
+    gate = latency_gate(figures, LatencyGate(max_mean_ms=150, max_p95_ms=300, max_std_ms=20))
+    check = gate.checks[-1]
+    assert gate.passed and check.metric == "capacity_sessions_per_core" and check.value == 35.0
+    assert "70 sessions on 2 cores" in check.describe()
+    assert [c.metric for c in latency_gate(figures | {"capacity_sessions_per_core": None},
+                                           LatencyGate(max_mean_ms=150, max_p95_ms=300, max_std_ms=20)).checks] \
+        == ["first_audio_mean_ms", "first_audio_p95_ms", "first_audio_std_ms"]
+    info = {"name": "telugu-s2s", "version": "3", "aliases": [], "run_id": "r", "tags": {},
+            "evaluation": {"metrics": {"latency": figures}}}
+    markdown = render_report(info, [])
+    assert "| Capacity: 100 sessions on 2 cores | >= 50 | 35 | ❌ misses |" in markdown
