@@ -71,12 +71,12 @@ def bench_engine_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[st
     except BundleError as exc:
         _fail(str(exc))
     report = profile_engine(bundle, sessions, ticks, _engine_utterances(params))
-    table = Table(title=f"one engine tick at {sessions} sessions (ms)")
-    for column in ("setup", "encode", "step", "decode", "other", "total", "/ baseline", "x real time"):
+    table = Table(title=f"one engine tick at {sessions} sessions (CPU ms; wall ms last)")
+    for column in ("setup", "encode", "step", "decode", "other", "total", "/ baseline", "x real time", "wall"):
         table.add_column(column, justify="left" if column == "setup" else "right")
     for r in report["setups"]:
         table.add_row(r["setup"], *(f"{r[k]:.1f}" for k in ("encode", "step", "decode", "other", "total")),
-                      f"{r['ratio']:.2f}", f"{r['x_real_time']:.2f}")
+                      f"{r['ratio']:.2f}", f"{r['x_real_time']:.2f}", f"{r['wall_ms']:.1f}")
     console.print(table)
     if json_out:
         from core import atomic

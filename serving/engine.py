@@ -262,7 +262,7 @@ class Engine:
 
     def tick(self) -> bool:
         """One round of work; returns whether there was any."""
-        began = time.perf_counter()
+        began = self.profile.clock()
         worked = self._apply_commands()
         worked |= self._encode()
         worked |= self._start_replies()
@@ -277,7 +277,7 @@ class Engine:
             worked |= bool(groups)
         self.ticks += worked
         if worked:
-            self.profile.tick(time.perf_counter() - began)
+            self.profile.tick(self.profile.clock() - began)
         return worked
 
     def _groups(self) -> list[slice]:
@@ -379,7 +379,7 @@ class Engine:
         return worked
 
     def _encode_batch(self, conversations: list[Conversation], hops: list[np.ndarray]) -> None:
-        began = time.perf_counter()
+        began = self.profile.clock()
         wav = torch.from_numpy(np.stack(hops))[:, None].to(self.device)
         index = torch.tensor([c.slot for c in conversations], device=self.device)
         codes, state = self.codec.encode_step(wav, self.encoder_states.gather(index))
@@ -387,7 +387,7 @@ class Engine:
         if codes.shape[-1]:
             for c, code in zip(conversations, codes.split(1)):
                 c.codes.append(code)
-        self.profile.add("encode", time.perf_counter() - began)
+        self.profile.add("encode", self.profile.clock() - began)
 
     def _start_replies(self) -> bool:
         worked = False
@@ -429,7 +429,7 @@ class Engine:
         """One generation step for `rows` (models.delay_step): sample, emit completed frames,
         advance; returns the rows whose reply ended."""
         self.batch_sizes.append(rows.stop - rows.start)
-        began = time.perf_counter()
+        began = self.profile.clock()
         logits = self.s2s.logits(self.hidden[rows])
         twins = slice(rows.start + self.max_sessions, rows.stop + self.max_sessions)
         if self.guided:
@@ -447,13 +447,13 @@ class Engine:
         self.hidden[rows] = self.s2s.step_rows(self.cache, rows, out.tokens[:, :, None])
         if self.guided:
             self.hidden[twins] = self.s2s.step_rows(self.cache, twins, out.tokens[:, :, None])
-        self.profile.add("step", time.perf_counter() - began - decoding)
+        self.profile.add("step", self.profile.clock() - began - decoding)
         return [rows.start + i for i in torch.nonzero(out.ended).flatten().tolist()]
 
     def _decode(self, rows: list[int], codes: torch.Tensor) -> float:
         """One codec decoder step for these rows' completed frames (e, K, 1), sent to their sessions;
-        returns the seconds it took."""
-        began = time.perf_counter()
+        returns the seconds it took (on the profile's clock)."""
+        began = self.profile.clock()
         index = torch.tensor(rows, device=self.device)
         audio, state = self.codec.decode_step(codes, self.decoder_states.gather(index))
         self.decoder_states.scatter(index, state)
@@ -464,7 +464,7 @@ class Engine:
                 c.first_audio_at = now
             c.frames_out += 1
             c.emit(ReplyEvent("audio", pcm=samples))
-        elapsed = time.perf_counter() - began
+        elapsed = self.profile.clock() - began
         self.profile.add("decode", elapsed)
         return elapsed
 

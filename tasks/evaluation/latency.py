@@ -24,6 +24,7 @@ from core.config import Params
 from core.labels import EMOTIONS, SPEAKERS
 from serving.bundle import ModelBundle
 from serving.engine import Engine, ReplyEvent
+from serving.precision import with_precision
 from serving.session import GenerationSettings
 from tasks.benchmarks.capacity import recorded_capacity
 from tasks.data.corpus_audio import CorpusError, read_manifest
@@ -89,7 +90,9 @@ def measure_latency(bundle: ModelBundle, params: Params, utterances: list[tuple[
     settings = GenerationSettings.from_params(params.serving)
     chunk = int(bundle.sample_rate * cfg.chunk_ms / 1000)
     firsts, rtfs = [], []
-    engine = Engine(bundle, settings, max_sessions=1, threads=cfg.threads).start()
+    serving = params.serving  # the server's levers: the gate measures the code path it runs
+    engine = Engine(with_precision(bundle, serving.precision), settings, max_sessions=1, threads=cfg.threads,
+                    ahead_ms=serving.ahead_ms, encode_hops=serving.encode_hops).start()
     try:
         for i, (audio, speaker, emotion) in enumerate(tqdm(utterances, desc="latency", unit="turn")):
             audio = audio[: int(settings.max_utterance_seconds * bundle.sample_rate)]
