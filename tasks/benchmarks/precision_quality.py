@@ -21,7 +21,7 @@ def compare_precision(bundle: ModelBundle, params: Any, bundle_id: str, precisio
 
     reports = {}
     for name, candidate in (("fp32", bundle), (precision, with_precision(bundle, precision))):
-        report = evaluate_quality(candidate, params, f"{bundle_id}-{name}", use_mlflow=False, force=True)
+        report = evaluate_quality(candidate, params, f"{bundle_id}-{name}", use_mlflow=False)
         reports[name] = flat_metrics(report)
     rows = [[key, reports["fp32"][key], reports[precision].get(key),
              None if reports[precision].get(key) is None else reports[precision][key] - reports["fp32"][key]]
