@@ -407,6 +407,9 @@ class ServingConfig(_Section):
     token_env: str
     shutdown_grace_s: float
     session_drain_s: float            # draining: how long live sessions may go on (0: only replies finish)
+    ahead_ms: float = 0.0             # deadline scheduling: a reply this far ahead of playback waits a tick
+    encode_hops: int = 1              # user audio encoded in chunks of this many hops while they speak
+    precision: Literal["fp32", "int8"] = "fp32"  # int8: dynamic quantization of the linear layers
 
 
 class RegistryConfig(_Section):

@@ -54,6 +54,73 @@ def bench_s2s_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]]
     _print_figures("s2s bench s2s", bench_s2s(_params(profile, set_), threads=threads))
 
 
+@bench_app.command("engine")
+def bench_engine_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = SetOpt,
+                     model: Optional[str] = typer.Option(None, help="model (default: serving.model)"),
+                     sessions: int = typer.Option(100, min=1, help="sessions replying (and as many talking)"),
+                     ticks: int = typer.Option(20, min=4, help="ticks measured per setup"),
+                     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures here")) -> None:
+    """One engine tick at N sessions by part (encode, S2S step, decode, other), for each lever in turn."""
+    from serving.bundle import BundleError
+    from serving.server import load_model
+    from tasks.benchmarks.engine_profile import profile_engine
+
+    params = _params(profile, set_)
+    try:
+        bundle, _ = load_model(params, model)
+    except BundleError as exc:
+        _fail(str(exc))
+    report = profile_engine(bundle, sessions, ticks, _engine_utterances(params))
+    table = Table(title=f"one engine tick at {sessions} sessions (CPU ms; wall ms last)")
+    for column in ("setup", "encode", "step", "decode", "other", "total", "/ baseline", "x real time", "wall"):
+        table.add_column(column, justify="left" if column == "setup" else "right")
+    for r in report["setups"]:
+        table.add_row(r["setup"], *(f"{r[k]:.1f}" for k in ("encode", "step", "decode", "other", "total")),
+                      f"{r['ratio']:.2f}", f"{r['x_real_time']:.2f}", f"{r['wall_ms']:.1f}")
+    console.print(table)
+    if json_out:
+        from core import atomic
+
+        atomic.write_text(json_out, json.dumps(report, indent=2) + "\n")
+
+
+@bench_app.command("precision")
+def bench_precision_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = SetOpt,
+                        model: Optional[str] = typer.Option(None, help="model (default: serving.model)"),
+                        precision: str = typer.Option("int8", help="the reduced precision to compare with fp32"),
+                        json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures here")
+                        ) -> None:
+    """The quality evaluation of one bundle at fp32 and at a reduced serving precision, side by side."""
+    from serving.bundle import BundleError
+    from serving.server import load_model
+    from tasks.benchmarks.precision_quality import compare_precision
+
+    params = _params(profile, set_)
+    try:
+        bundle, uri = load_model(params, model)
+    except BundleError as exc:
+        _fail(str(exc))
+    report = compare_precision(bundle, params, str(bundle.meta.get("sha256", {}).get("s2s.pt", "bundle"))[:12],
+                               precision)
+    table = Table(title=f"quality of {uri}: fp32 vs {precision}")
+    for column in ("figure", "fp32", precision, "difference"):
+        table.add_column(column, justify="left" if column == "figure" else "right")
+    for key, base, other, diff in report["rows"]:
+        table.add_row(key, f"{base:.4g}", "-" if other is None else f"{other:.4g}", "-" if diff is None else f"{diff:+.4g}")
+    console.print(table)
+    if json_out:
+        from core import atomic
+
+        atomic.write_text(json_out, json.dumps(report, indent=2) + "\n")
+
+
+def _engine_utterances(params: Any) -> list:
+    """A few user turns to encode (test split, else espeak-ng speech)."""
+    from tasks.benchmarks.loadtest import load_utterances
+
+    return load_utterances(params, 8, params.serving.max_utterance_seconds * 0.95)[0]
+
+
 def _print_figures(title: str, figures: dict) -> None:
     table = Table(title=title)
     table.add_column("figure")
@@ -113,6 +180,18 @@ def loadtest_command(
     json_out: Optional[Path] = typer.Option(None, "--json", help="every figure as JSON (default: "
                                                                  "artifacts/loadtest.json)"),
     strict: bool = typer.Option(False, "--strict", help="exit code 1 when a goal is missed"),
+    conversational: str = typer.Option("100", help="session counts also run with the conversational profile "
+                                                   "(think time between turns), comma-separated ('' or 0: none)"),
+    think_median: float = typer.Option(1.5, help="conversational profile: median think time (s, log-normal)"),
+    think_sigma: float = typer.Option(0.6, help="conversational profile: sigma of the think time's log"),
+    seed: int = typer.Option(0, help="seed of the think times"),
+    playback_buffer_ms: float = typer.Option(0.0, help="jitter buffer of the player whose gaps are counted"),
+    capacity_probes: int = typer.Option(4, min=0, help="runs of the capacity search (0: no search)"),
+    capacity_turns: int = typer.Option(2, min=1, help="turns per session of each capacity probe"),
+    compare_levers: int = typer.Option(100, min=0, help="also run this many sessions with the engine's levers off "
+                                                        "(deadline scheduling, chunked encode, precision; 0: no)"),
+    engine_profile: int = typer.Option(100, min=0, help="profile one engine tick at this many sessions, each lever "
+                                                        "in turn, in this process (0: no profile)"),
     profile: Optional[str] = typer.Option(None, "--profile", "-p", help="params.yaml profile (smoke, production)"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="override a parameter (also of the started "
                                                                   "servers): section.key=value (repeatable)"),
@@ -123,6 +202,7 @@ def loadtest_command(
     from tasks.benchmarks.load_client import LoadTestError
     from tasks.benchmarks.load_report import print_results, write_benchmarks
     from tasks.benchmarks.loadtest import _session_counts, run_suite
+    from tasks.benchmarks.playback import ThinkTime
 
     command = _command_line(ctx)
 
@@ -142,18 +222,41 @@ def loadtest_command(
     out_path = out or root / "docs" / "benchmarks.md"
     json_path = json_out or params.path(params.paths.artifacts) / "loadtest.json"
     options = {"chunk_ms": chunk_ms, "realtime": realtime, "start_spread_s": spread, "vad": vad,
-               "turn_timeout_s": turn_timeout}
+               "turn_timeout_s": turn_timeout, "playback_buffer_ms": playback_buffer_ms}
+    try:
+        talk_counts = _session_counts(conversational) if conversational.strip() not in ("", "0") else []
+        think = ThinkTime(think_median, think_sigma, seed=seed)
+    except (LoadTestError, ValueError) as exc:
+        fail(str(exc))
+    profile_section = None
+    if engine_profile:
+        from serving.bundle import BundleError
+        from serving.server import load_model
+        from tasks.benchmarks.engine_profile import engine_profile_markdown, profile_engine
+
+        try:
+            bundle, _ = load_model(params, model)
+        except BundleError as exc:
+            fail(str(exc))
+        console.print(f"profiling one engine tick at {engine_profile} sessions, each lever in turn", soft_wrap=True)
+        tick_report = profile_engine(bundle, engine_profile, 20, _engine_utterances(params))
+        del bundle
+        profile_section = engine_profile_markdown(tick_report, command)
     try:
         report = run_suite(params, model=model, url=url, server_pid=server_pid, sessions=counts, turns=turns,
                            compare_unbatched=compare_unbatched, soak_seconds=soak_seconds, soak_sessions=soak_sessions,
                            soak_sample_every=soak_sample_every, turns_per_session=soak_turns_per_session,
                            options=options, token=token, port=port, overrides=list(set_ or []), profile=profile,
                            utterance_count=utterances, console=console,
-                           log_dir=params.path(params.paths.artifacts), command=command)
+                           log_dir=params.path(params.paths.artifacts), command=command,
+                           conversational=talk_counts, think=think, compare_levers=compare_levers,
+                           capacity_probes=capacity_probes, capacity_turns=capacity_turns)
+        report["engine_profile"] = tick_report if engine_profile else None
     except LoadTestError as exc:
         fail(str(exc))
     print_results(console, report["runs"], report["soak"])
-    write_benchmarks(out_path, report["runs"], report["meta"], report["soak"], root=root)
+    write_benchmarks(out_path, report["runs"], report["meta"], report["soak"], root=root,
+                     capacity=report["capacity"], engine_profile=profile_section)
     atomic.write_json(json_path, report)
     console.print(f"report written to {out_path}; figures in {json_path}", soft_wrap=True)
     if strict and any(g["status"] == "missed" for g in report["goals"]):

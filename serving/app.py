@@ -36,6 +36,7 @@ from core.labels import EMOTIONS, SPEAKERS
 from serving.bundle import ModelBundle, bundle_meta_summary, meta_sha, recorded_sampling
 from serving.engine import Engine, ReplyEvent
 from serving.host import memory_limit_bytes
+from serving.precision import with_precision
 from serving.session import GenerationSettings, SessionError, check_voice
 from serving.vad import EndOfUtterance
 
@@ -148,6 +149,7 @@ class ServerState:
                 "errors_total": self.errors_total, "first_audio_latency_ms": latency,
                 "model": {"uri": self.model_uri, **bundle_meta_summary(self.bundle.meta)},
                 "batching": self.engine.batching, "max_sessions": self.config.max_sessions,
+                "engine": self.engine.describe(),
                 "uptime_s": round(time.time() - self.started, 1)}
 
     async def drain(self, grace: float) -> None:
@@ -195,7 +197,9 @@ def _authorized(state: ServerState, headers: Any, query: Any) -> bool:
 def create_app(bundle: ModelBundle, config: ServingConfig, model_uri: str = "") -> FastAPI:
     """The app around a loaded bundle; starts its engine thread at startup."""
     settings = GenerationSettings.from_params(config, recorded_sampling(bundle.meta))
-    engine = Engine(bundle, settings, config.max_sessions, config.batching, config.threads)
+    bundle = with_precision(bundle, config.precision)
+    engine = Engine(bundle, settings, config.max_sessions, config.batching, config.threads,
+                    ahead_ms=config.ahead_ms, encode_hops=config.encode_hops)
     state = ServerState(engine, bundle, config, model_uri, os.environ.get(config.token_env) or None)
     app = FastAPI(title="Telugu S2S", version=str(PROTOCOL))
     app.state.s2s = state

@@ -5,8 +5,9 @@ close) and receive events (reply audio frames, end of reply with its metrics, er
 of the engine thread:
 
 1. applies the commands that arrived;
-2. encodes the users' audio: one hop from every session that has one, as one batch, repeated
-   while audio is waiting (encoding happens while people speak);
+2. encodes the users' audio: whole hops (`encode_hops` at a time) from every session that has
+   them, as one batch per chunk length, repeated while audio is waiting (encoding happens while
+   people speak);
 3. starts the replies of finished utterances: the prompt goes into a free row of the shared
    SlotCache (`prefill_row`);
 4. steps every replying row at once: one S2S step for all rows (`step_rows`, each row at its own
@@ -14,8 +15,22 @@ of the engine thread:
    is refilled by moving the last row into it, so the batch stays a contiguous slice.
 
 With `batching=False` step 4 runs row by row instead (the same code with batches of one): the
-baseline that shows what cross-session batching buys. The step rule (models.delay_step) and the
-turn rules (serving.turns) are the ones ReplySession runs, so a batched reply equals a lone one.
+baseline that shows what cross-session batching buys.
+
+Two levers spend the CPU where a listener notices it (docs/benchmarks.md measures each):
+
+- deadline scheduling (`ahead_ms` > 0): a reply whose client already holds more than `ahead_ms`
+  of audio ahead of real-time playback waits a tick; a new reply (no frame out yet) and a reply
+  about to run dry always step. The rows that step are grouped into contiguous slices (serving.
+  schedule), so the KV rows are still read in place. A reply's numbers do not change, only when
+  its steps run.
+- chunked encoding (`encode_hops` > 1): while a user is still speaking, their audio is encoded
+  once `encode_hops` whole hops are waiting, in one call; at end of utterance the rest at once.
+  The codec's streaming encoder is exact across chunk sizes, so the codes are the same.
+
+`profile` adds up the seconds of each part of a tick (encode, S2S step, decode, the rest): the
+figures of `s2s bench engine` and of /stats. The step rule (models.delay_step) and the turn rules
+(serving.turns) are the ones ReplySession runs, so a batched reply equals a lone one.
 
 Per-conversation state is explicit (its encoder and decoder state rows, the delay-pattern
 bookkeeping of its KV row), in the manner of kyutai's streaming modules; the codec's states of
@@ -40,6 +55,7 @@ import torch
 
 from models.delay_step import DelayState, DelayStepper
 from serving.bundle import ModelBundle
+from serving.schedule import TickProfile, due_slices
 from serving.turns import (
     GenerationSettings,
     Prompt,
@@ -123,8 +139,12 @@ class Engine:
     """Batches the model work of every live session; thread-safe `post_*` methods feed it."""
 
     def __init__(self, bundle: ModelBundle, settings: GenerationSettings, max_sessions: int = 128,
-                 batching: bool = True, threads: int = 1, seed: int = 0) -> None:
+                 batching: bool = True, threads: int = 1, seed: int = 0, ahead_ms: float = 0.0,
+                 encode_hops: int = 1) -> None:
+        if ahead_ms < 0 or encode_hops < 1:
+            raise ValueError(f"ahead_ms {ahead_ms} must be >= 0 and encode_hops {encode_hops} >= 1")
         self.bundle, self.settings, self.batching, self.threads = bundle, settings, batching, threads
+        self.ahead_s, self.encode_hops = ahead_ms / 1000.0, encode_hops
         self.codec, self.s2s = bundle.codec, bundle.s2s
         self.device = next(self.s2s.parameters()).device
         self.hop = self.codec.hop_length
@@ -158,6 +178,9 @@ class Engine:
         # and the loop's last pass (monotonic), which a stalled engine stops advancing.
         self.tick_observer: Callable[[float], None] | None = None
         self.heartbeat = time.monotonic()
+        self.frame_s = self.hop / bundle.sample_rate
+        self.profile = TickProfile()
+        self.next_due: float | None = None     # deadline scheduling: when a waiting reply next falls due
 
     # --- the sessions' side (any thread) --------------------------------------------------------
 
@@ -195,7 +218,8 @@ class Engine:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             conversation = self.conversations.get(conversation_id)
-            if self.commands.empty() and conversation is not None and len(conversation.pending) < self.hop:
+            waiting = self.encode_hops * self.hop  # less than a chunk waits for the end of utterance
+            if self.commands.empty() and conversation is not None and len(conversation.pending) < waiting:
                 return
             time.sleep(0.001)
         raise TimeoutError(f"conversation {conversation_id}: audio not encoded within {timeout} s")
@@ -218,6 +242,12 @@ class Engine:
             except RuntimeError:
                 continue
         return 0
+    def describe(self) -> dict[str, Any]:
+        """The engine's levers and its tick profile so far (cumulative: a caller takes differences)."""
+        profile = self.profile
+        return {"threads": self.threads, "ahead_ms": self.ahead_s * 1000, "encode_hops": self.encode_hops,
+                "precision": self.bundle.meta.get("serving_precision", "fp32"), "ticks": profile.ticks,
+                "tick_seconds": {**profile.seconds, "total": profile.total_s}}
 
     def _post(self, command: tuple) -> None:
         self.commands.put(command)
@@ -240,7 +270,8 @@ class Engine:
                 if worked and self.tick_observer is not None:
                     self.tick_observer(time.monotonic() - started)
                 if not worked:
-                    self.wake.wait(0.05)
+                    idle = 0.05 if self.next_due is None else min(0.05, max(0.0, self.next_due - time.perf_counter()))
+                    self.wake.wait(idle)
 
     def _fail_all(self, reason: str) -> None:
         """After an internal error: end every reply in flight with an error; sessions go on."""
@@ -252,19 +283,44 @@ class Engine:
 
     def tick(self) -> bool:
         """One round of work; returns whether there was any."""
+        began = self.profile.clock()
         worked = self._apply_commands()
         worked |= self._encode()
         worked |= self._start_replies()
+        self.next_due = None
         if self.live:
-            groups = [slice(0, self.live)] if self.batching else [slice(i, i + 1) for i in range(self.live)]
+            groups = self._groups()
             finished: list[int] = []
             for rows in groups:
                 finished += self._step(rows)
             for row in sorted(finished, reverse=True):
                 self._free_row(row)
-            worked = True
+            worked |= bool(groups)
         self.ticks += worked
+        if worked:
+            self.profile.tick(self.profile.clock() - began)
         return worked
+
+    def _groups(self) -> list[slice]:
+        """The row slices to step this tick: every live row, or (deadline scheduling) the rows
+        that are due; one slice per row without batching."""
+        if not self.ahead_s:
+            due = [True] * self.live
+        else:
+            now = time.perf_counter()
+            margin = self.ahead_s + self.profile.last_tick_s  # a waiting row must last the next tick
+            due = []
+            for row in range(self.live):
+                c = self.owner[row]
+                if c is None or c.first_audio_at is None:
+                    due.append(True)
+                    continue
+                played_until = c.first_audio_at + c.frames_out * self.frame_s  # the client's buffer runs dry then
+                due.append(played_until - now <= margin)
+                if not due[-1]:
+                    at = played_until - margin
+                    self.next_due = at if self.next_due is None else min(self.next_due, at)
+        return due_slices(due, self.batching)
 
     def _apply_commands(self) -> bool:
         worked = False
@@ -325,18 +381,26 @@ class Engine:
         conversation.codes, conversation.samples_in, conversation.end_at = [], 0, None
 
     def _encode(self) -> bool:
+        """Encode waiting user audio: per session up to `encode_hops` whole hops per round (at
+        least that many while the utterance goes on), sessions with as many hops in one batch."""
         worked = False
+        chunk = self.encode_hops * self.hop
         for _ in range(MAX_ENCODE_ROUNDS):
-            ready = [c for c in self.conversations.values() if len(c.pending) >= self.hop and c.row is None]
-            if not ready:
+            groups: dict[int, list[Conversation]] = {}
+            for c in self.conversations.values():
+                if c.row is None and (len(c.pending) >= chunk or (c.end_at is not None and len(c.pending) >= self.hop)):
+                    groups.setdefault(min(len(c.pending), chunk) // self.hop * self.hop, []).append(c)
+            if not groups:
                 break
-            self._encode_batch(ready, [c.pending[: self.hop] for c in ready])
-            for c in ready:
-                c.pending = c.pending[self.hop:]
+            for size, ready in groups.items():
+                self._encode_batch(ready, [c.pending[:size] for c in ready])
+                for c in ready:
+                    c.pending = c.pending[size:]
             worked = True
         return worked
 
     def _encode_batch(self, conversations: list[Conversation], hops: list[np.ndarray]) -> None:
+        began = self.profile.clock()
         wav = torch.from_numpy(np.stack(hops))[:, None].to(self.device)
         index = torch.tensor([c.slot for c in conversations], device=self.device)
         codes, state = self.codec.encode_step(wav, self.encoder_states.gather(index))
@@ -344,6 +408,7 @@ class Engine:
         if codes.shape[-1]:
             for c, code in zip(conversations, codes.split(1)):
                 c.codes.append(code)
+        self.profile.add("encode", self.profile.clock() - began)
 
     def _start_replies(self) -> bool:
         worked = False
@@ -385,6 +450,7 @@ class Engine:
         """One generation step for `rows` (models.delay_step): sample, emit completed frames,
         advance; returns the rows whose reply ended."""
         self.batch_sizes.append(rows.stop - rows.start)
+        began = self.profile.clock()
         logits = self.s2s.logits(self.hidden[rows])
         twins = slice(rows.start + self.max_sessions, rows.stop + self.max_sessions)
         if self.guided:
@@ -393,18 +459,22 @@ class Engine:
         out = self.stepper.step(self.delay.rows(rows), logits, self.settings.temperature, self.settings.top_k,
                                 self.generator)
         emitting = torch.nonzero(out.emitted).flatten()
+        decoding = 0.0
         if len(emitting):
             if out.text is not None:
                 for i, text_id in zip(emitting.tolist(), out.text[emitting].tolist()):
                     self.owner[rows.start + i].text_ids.append(text_id)
-            self._decode([rows.start + i for i in emitting.tolist()], out.frames[emitting][:, :, None])
+            decoding = self._decode([rows.start + i for i in emitting.tolist()], out.frames[emitting][:, :, None])
         self.hidden[rows] = self.s2s.step_rows(self.cache, rows, out.tokens[:, :, None])
         if self.guided:
             self.hidden[twins] = self.s2s.step_rows(self.cache, twins, out.tokens[:, :, None])
+        self.profile.add("step", self.profile.clock() - began - decoding)
         return [rows.start + i for i in torch.nonzero(out.ended).flatten().tolist()]
 
-    def _decode(self, rows: list[int], codes: torch.Tensor) -> None:
-        """One codec decoder step for these rows' completed frames (e, K, 1), sent to their sessions."""
+    def _decode(self, rows: list[int], codes: torch.Tensor) -> float:
+        """One codec decoder step for these rows' completed frames (e, K, 1), sent to their sessions;
+        returns the seconds it took (on the profile's clock)."""
+        began = self.profile.clock()
         index = torch.tensor(rows, device=self.device)
         audio, state = self.codec.decode_step(codes, self.decoder_states.gather(index))
         self.decoder_states.scatter(index, state)
@@ -415,6 +485,9 @@ class Engine:
                 c.first_audio_at = now
             c.frames_out += 1
             c.emit(ReplyEvent("audio", pcm=samples))
+        elapsed = self.profile.clock() - began
+        self.profile.add("decode", elapsed)
+        return elapsed
 
     def _free_row(self, row: int) -> None:
         """End the reply in `row` (its metrics go out) and move the last live row into it."""

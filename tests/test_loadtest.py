@@ -20,7 +20,9 @@ from tasks.benchmarks.load_report import batching_ratio, evaluate_goals, write_b
 from .conftest import speak
 from .live_server import LiveServer
 
-QUICK = {"max_reply_seconds": 0.6, "min_reply_seconds": 0.1}
+# ahead_ms 0: these tests count turns within a few seconds, so replies go out as fast as they are
+# made; paced replies (deadline scheduling) are tests/test_engine_levers.py's
+QUICK = {"max_reply_seconds": 0.6, "min_reply_seconds": 0.1, "ahead_ms": 0}
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +152,22 @@ def test_goals_ratio_and_soak_section_of_the_report(tmp_path: Path):
     assert "- 100 sessions, batching off: busy x2" in text
     assert "| server RSS start / end / max | 600.0 MiB / 612.5 MiB / 640.0 MiB |" in text
     assert "| RSS growth | +12.5 MiB (+2.1 %) |" in text and "| dropped sessions | 0 |" in text
+    assert "| no reply with a playback gap at 100 sessions | not measured | not measured |" in text
+    gapped = {**_row(100, True, 250.0, 100.0, 10.0), "playback": {"replies": 300, "with_gap": 3, "share_with_gap": 0.01,
+                                                                  "gap_total_s": 0.42, "gap_s": {"max": 0.2}}}
+    capacity = {"sessions": 60, "sessions_per_core": 30.0, "cores": 2, "failed_at": 75, "ceiling": 256,
+                "rule": "p95 first audio < 300 ms", "probes": [{"sessions": 75, "passed": False, "p95_ms": 410.0,
+                                                                 "with_gap": 4, "why": "p95 410 ms"}]}
+    levers_off = {**_row(100, True, 900.0, 400.0, 10.0), "levers": "off"}
+    goals = {g["goal"]: g for g in evaluate_goals([gapped], capacity)}
+    assert goals["no reply with a playback gap at 100 sessions"] == {
+        "goal": "no reply with a playback gap at 100 sessions", "status": "missed",
+        "measured": "3/300 replies with a gap (0.42 s in all)"}
+    assert goals["capacity >= 100 sessions"]["measured"] == "60 sessions (30.0 per core)"
+    text = write_benchmarks(tmp_path / "b2.md", [gapped, levers_off], {"command": "s2s loadtest"},
+                            capacity=capacity).read_text()
+    assert "**60 sessions on 2 cores: 30.0 sessions per core**" in text and "| 75 | fail | 410.0 | 4 | p95 410 ms |" in text
+    assert "| 3/300 (1 %) | 0.20 | back-to-back | on |" in text and "| p95 | 250.0 ms | 900.0 ms | 3.60x |" in text
     errors = {g["goal"]: g for g in evaluate_goals([_row(100, True, 250.0, 100.0, 10.0, done=299, dropped=1)])}
     assert errors["0 errors at 100 sessions"] == {"goal": "0 errors at 100 sessions", "status": "missed",
                                                   "measured": "0 errors, 1 dropped, 299/300 turns"}
@@ -170,19 +188,33 @@ def test_the_loadtest_command_starts_its_servers_and_writes_the_report(bundle_di
     result = CliRunner().invoke(app, ["--model", str(bundle_dir), "--sessions", "1,2", "--turns", "1",
                                       "--compare-unbatched", "2", "--soak-seconds", "2", "--soak-sessions", "2",
                                       "--soak-sample-every", "1", "--no-realtime", "--utterances", "2",
+                                      "--conversational", "2", "--think-median", "0.2", "--capacity-probes", "1",
+                                      "--compare-levers", "2", "--engine-profile", "2",
                                       "--set", "serving.max_reply_seconds=0.4",
                                       "--set", "serving.min_reply_seconds=0.1",
                                       "--out", str(out), "--json", str(figures)])
     assert result.exit_code == 0, result.output
     report = json.loads(figures.read_text())
-    assert [(r["clients"], r["batching"], r["turns_completed"], r["errors"], r["dropped"]) for r in report["runs"]] \
-        == [(1, True, 1, 0, 0), (2, True, 2, 0, 0), (2, False, 2, 0, 0)]
+    assert [(r["clients"], r["batching"], r["profile"], r["levers"], r["turns_completed"], r["errors"], r["dropped"])
+            for r in report["runs"]] == [(1, True, "back-to-back", "on", 1, 0, 0), (2, True, "back-to-back", "on", 2, 0, 0),
+                                         (2, True, "conversational", "on", 2, 0, 0), (2, True, "back-to-back", "off", 2, 0, 0),
+                                         (2, False, "back-to-back", "on", 2, 0, 0)]
     assert all(r["server_rss_mb"] > 10 and r["server_stats"]["sessions"] == 0 for r in report["runs"])
-    assert report["runs"][2]["server_stats"]["batching"] is False
+    assert report["runs"][4]["server_stats"]["batching"] is False
+    assert report["runs"][3]["server_stats"]["engine"]["ahead_ms"] == 0
+    assert report["runs"][3]["server_stats"]["engine"]["encode_hops"] == 1
+    assert all(r["playback"]["replies"] == r["turns_completed"] and r["tick_ms"]["ticks"] > 0 for r in report["runs"])
+    capacity = report["capacity"]
+    assert len(capacity["probes"]) <= 1 and capacity["cores"] == os.cpu_count()
+    assert capacity["sessions_per_core"] == capacity["sessions"] / capacity["cores"]
+    assert [s["setup"] for s in report["engine_profile"]["setups"]][0].startswith("baseline")
     assert report["soak"]["errors"] == 0 and report["soak"]["memory_mb"]["start"] > 10
     assert report["meta"]["model"]["uri"] == str(bundle_dir)
     assert "espeak-ng (no corpus found)" in report["meta"]["utterances"]
     text = out.read_text()
     assert f"Written by `s2s loadtest --model {bundle_dir} --sessions 1,2 --turns 1 --compare-unbatched 2" in text
     assert "| 2 | off | 2/2 | 0 | 0 |" in text and "## Soak" in text and "At 2 sessions" in text
+    assert "## Capacity" in text and "sessions per core" in text and "## Engine levers on vs off" in text
+    assert "## One engine tick at 2 sessions, by part" in text and "## Engine ticks under load" in text
+    assert "Conversational profile: as back-to-back, plus a log-normal think time" in text
     assert (project_root / "artifacts" / "loadtest-server-soak.log").is_file()

@@ -8,7 +8,9 @@ reads the reply to `reply_end`. Client starts are staggered so that turns do not
 Measured on the client, per turn: the first-audio latency (from sending `end_of_utterance`, or from
 receiving the server's `end_of_utterance` with server VAD, to the first binary frame), the reply's
 length and its real-time factor (reply audio seconds / wall seconds from end of utterance to
-`reply_end`). Per run: error frames, dropped sessions (an unexpected close, a timeout or an
+`reply_end`), and its playback gap from the arrival time of every frame (tasks/benchmarks/playback:
+the seconds a real-time player would have had nothing to play). With `think` (conversational
+profile) a caller pauses for a drawn think time after each reply before speaking again. Per run: error frames, dropped sessions (an unexpected close, a timeout or an
 exception), the server's /stats afterwards and its memory (RSS from /proc) when its pid is known.
 
 `soak` keeps clients talking for a while (sessions of a few turns, reconnecting) and samples the
@@ -33,6 +35,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from core.labels import EMOTIONS, SPEAKERS
+from tasks.benchmarks.playback import ThinkTime, playback_gap_s
 
 SAMPLE_RATE = 16000
 STOP = json.dumps({"type": "stop"})
@@ -68,6 +71,8 @@ class TurnRecord:
     first_at: float | None = None        # first binary frame of the reply
     end_at: float | None = None          # reply_end
     samples: int = 0                     # reply samples received
+    arrivals: list[tuple[float, int]] = field(default_factory=list, repr=False)  # (time, samples) per frame
+    gap_buffer_s: float = 0.0            # the jitter buffer of the player whose gaps are counted
     server_metrics: dict[str, Any] | None = None
     error: str | None = None             # the error code that ended the turn
     send_lag_ms: float = 0.0             # how late the client's paced chunks went out, at worst
@@ -99,7 +104,14 @@ class TurnRecord:
         return {"client": self.client, "turn": self.turn, "utterance_s": round(self.utterance_s, 3),
                 "first_audio_ms": self.first_audio_ms, "reply_seconds": self.reply_seconds,
                 "reply_rtf": self.reply_rtf, "server_first_audio_ms": server.get("first_audio_ms"),
-                "error": self.error, "send_lag_ms": round(self.send_lag_ms, 2)}
+                "error": self.error, "send_lag_ms": round(self.send_lag_ms, 2), "gap_s": self.gap_s}
+
+    def playback_gap(self, buffer_s: float = 0.0) -> float | None:
+        return playback_gap_s(self.arrivals, SAMPLE_RATE, buffer_s) if self.arrivals else None
+
+    @property
+    def gap_s(self) -> float | None:
+        return self.playback_gap(self.gap_buffer_s)
 
 
 @dataclass
@@ -120,6 +132,14 @@ class LoadResult:
     def completed(self) -> list[TurnRecord]:
         return [t for t in self.turns if t.completed]
 
+    def playback_summary(self) -> dict[str, Any]:
+        """Playback gaps of the completed replies: how many had any, the share, the gap seconds."""
+        gaps = [g for g in (t.gap_s for t in self.completed) if g is not None]
+        with_gap = sum(g > 0 for g in gaps)
+        return {"replies": len(gaps), "with_gap": with_gap, "share_with_gap": with_gap / len(gaps) if gaps else None,
+                "gap_s": describe(gaps), "gap_total_s": float(sum(gaps)),
+                "buffer_ms": (self.turns[0].gap_buffer_s * 1000) if self.turns else 0.0}
+
     def summary(self) -> dict[str, Any]:
         done = self.completed
         firsts = [t.first_audio_ms for t in done if t.first_audio_ms is not None]
@@ -139,6 +159,7 @@ class LoadResult:
             "server_latency_ms": describe([s for s in server if s is not None]),
             "reply_rtf_median": float(np.median(rtfs)) if rtfs else None,
             "reply_seconds_mean": float(np.mean([t.reply_seconds for t in done])) if done else None,
+            "playback": self.playback_summary(),
             "send_lag_ms": {"p99": float(np.percentile(lags, 99)) if lags else None,
                             "max": float(max(lags)) if lags else None},
             "wall_s": round(self.wall_s, 2), "settings": self.settings,
@@ -215,7 +236,8 @@ class _Talker:
 
     def __init__(self, url: str, utterances: Sequence[np.ndarray], token: str | None, speakers: Sequence[str],
                  emotions: Sequence[str], chunk_ms: int, realtime: bool, vad: str, listen: bool | None,
-                 turn_timeout_s: float, trailing_silence_s: float, deflate: bool) -> None:
+                 turn_timeout_s: float, trailing_silence_s: float, deflate: bool, think: ThinkTime | None = None,
+                 playback_buffer_s: float = 0.0) -> None:
         if not utterances:
             raise LoadTestError("no utterances to send")
         if vad not in ("client", "server"):
@@ -235,6 +257,8 @@ class _Talker:
         self.deflate = deflate
         self.vad_grace_s = 2.0   # server VAD: how long after the trailing silence its end_of_utterance may take
         self.next_turn: dict[int, int] = collections.defaultdict(int)   # per client, across its sessions
+        self.think, self.playback_buffer_s = think, playback_buffer_s
+        self.think_rng: dict[int, np.random.Generator] = {}
 
     def voice(self, client: int, turn: int) -> tuple[str, str]:
         return (self.speakers[(client + turn) % len(self.speakers)],
@@ -325,6 +349,7 @@ class _Talker:
                     if turn.first_at is None:
                         turn.first_at = now
                     turn.samples += len(message) // 2
+                    turn.arrivals.append((now, len(message) // 2))
                     continue
                 try:
                     reply = json.loads(message)
@@ -358,6 +383,7 @@ class _Talker:
     async def _turn(self, ws: Any, client: int, turn: int, state: _SessionState, result: LoadResult) -> None:
         index = (client + turn) % len(self.chunks)
         record = TurnRecord(client, turn, self.seconds[index])
+        record.gap_buffer_s = self.playback_buffer_s
         result.turns.append(record)
         state.turn = record
         await self._stream(ws, self.chunks[index], record, state)
@@ -382,6 +408,9 @@ class _Talker:
         if self.listen and record.completed and record.first_at is not None:
             # the caller listens to the reply before speaking again
             await asyncio.sleep(max(0.0, record.first_at + record.reply_seconds - time.perf_counter()))
+        if self.think is not None and record.completed:  # the conversational profile: a pause to think
+            rng = self.think_rng.setdefault(client, self.think.generator(client))
+            await asyncio.sleep(self.think.draw(rng))
 
     async def _stream(self, ws: Any, chunks: list[bytes], record: TurnRecord, state: _SessionState,
                       until: Callable[[], bool] | None = None) -> None:
@@ -416,7 +445,8 @@ async def run_load(url: str, clients: int, turns: int, utterances: Sequence[np.n
                    *, speakers: Sequence[str] = SPEAKERS, emotions: Sequence[str] = EMOTIONS, chunk_ms: int = 20,
                    realtime: bool = True, start_spread_s: float | None = None, vad: str = "client",
                    listen: bool | None = None, turn_timeout_s: float = 120.0, trailing_silence_s: float = 1.5,
-                   deflate: bool = False) -> LoadResult:
+                   deflate: bool = False, think: ThinkTime | None = None,
+                   playback_buffer_ms: float = 0.0) -> LoadResult:
     """`clients` concurrent sessions of `turns` turns each against the server at `url` (ws://.../ws).
 
     Turn t of client c speaks utterances[(c + t) % n] (float32, 16 kHz) and asks for the voice
@@ -425,16 +455,21 @@ async def run_load(url: str, clients: int, turns: int, utterances: Sequence[np.n
     default the same) the caller hears the reply out before speaking again; otherwise as fast as
     the socket takes them. Client c starts at c/clients of start_spread_s (default: the mean
     utterance length). vad="server": the utterance is followed by silence and the server's VAD
-    ends it (the clock starts at its end_of_utterance message).
+    ends it (the clock starts at its end_of_utterance message). think: the conversational profile's
+    pause after each reply (None: back-to-back). playback_buffer_ms: the jitter buffer of the
+    player whose gaps are counted (0: playback starts at the first frame).
     """
     await asyncio.to_thread(_check_server, url)
     talker = _Talker(url, utterances, token, speakers, emotions, chunk_ms, realtime, vad, listen, turn_timeout_s,
-                     trailing_silence_s, deflate)
+                     trailing_silence_s, deflate, think, playback_buffer_ms / 1000)
     spread = float(np.mean(talker.seconds)) if start_spread_s is None else start_spread_s
     result = LoadResult(clients, turns, settings={"chunk_ms": chunk_ms, "realtime": realtime, "vad": vad,
                                                   "listen": talker.listen, "start_spread_s": round(spread, 3),
                                                   "utterances": len(utterances),
-                                                  "utterance_s_mean": round(float(np.mean(talker.seconds)), 3)})
+                                                  "utterance_s_mean": round(float(np.mean(talker.seconds)), 3),
+                                                  "profile": "conversational" if think else "back-to-back",
+                                                  "think": think.describe() if think else None,
+                                                  "playback_buffer_ms": playback_buffer_ms})
 
     async def client(index: int) -> None:
         await asyncio.sleep(spread * index / max(clients, 1))

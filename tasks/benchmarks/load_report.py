@@ -41,13 +41,16 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def _run(results: list[dict[str, Any]], sessions: int, batching: bool) -> dict[str, Any] | None:
-    found = [r for r in results if r.get("clients") == sessions and r.get("batching") is batching]
+def _run(results: list[dict[str, Any]], sessions: int, batching: bool, levers: str = "on") -> dict[str, Any] | None:
+    """The back-to-back run of `sessions` with batching (and the engine's levers) on or off."""
+    found = [r for r in results if r.get("clients") == sessions and r.get("batching") is batching
+             and r.get("profile", "back-to-back") == "back-to-back" and r.get("levers", "on") == levers]
     return found[-1] if found else None
 
 
-def evaluate_goals(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's goals against the runs with batching on: met, missed or not measured."""
+def evaluate_goals(results: list[dict[str, Any]], capacity: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The issue's goals against the back-to-back runs with batching on: met, missed or not
+    measured; with a capacity search, its figure as a last line."""
     goals = []
 
     def goal(name: str, run: dict[str, Any] | None, measured: Callable[[dict[str, Any]], tuple[str, bool]]) -> None:
@@ -55,7 +58,8 @@ def evaluate_goals(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             goals.append({"goal": name, "measured": "not measured", "status": "not measured"})
             return
         text, met = measured(run)
-        goals.append({"goal": name, "measured": text, "status": "met" if met else "missed"})
+        status = "not measured" if text == "not measured" else "met" if met else "missed"
+        goals.append({"goal": name, "measured": text, "status": status})
 
     def no_errors(run: dict[str, Any]) -> tuple[str, bool]:
         text = (f"{run['errors']} errors, {run['dropped']} dropped, "
@@ -68,11 +72,23 @@ def evaluate_goals(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             return ("no completed turn", False) if value is None else (f"{value:.1f} ms", value < limit)
         return measured
 
+    def no_gaps(run: dict[str, Any]) -> tuple[str, bool]:
+        playback = run.get("playback")
+        if not playback or not playback.get("replies"):
+            return "not measured", False
+        return (f"{playback['with_gap']}/{playback['replies']} replies with a gap "
+                f"({playback['gap_total_s']:.2f} s in all)", playback["with_gap"] == 0)
+
     one, many = _run(results, 1, True), _run(results, GOAL_SESSIONS, True)
     goal(f"0 errors at {GOAL_SESSIONS} sessions", many, no_errors)
     goal("p95 < 150 ms at 1 session", one, latency("p95", 150.0))
     goal(f"p95 < 300 ms at {GOAL_SESSIONS} sessions", many, latency("p95", 300.0))
     goal("std < 20 ms at 1 session", one, latency("std", 20.0))
+    goal(f"no reply with a playback gap at {GOAL_SESSIONS} sessions", many, no_gaps)
+    if capacity is not None:
+        goals.append({"goal": f"capacity >= {GOAL_SESSIONS} sessions",
+                      "measured": f"{capacity['sessions']} sessions ({capacity['sessions_per_core']:.1f} per core)",
+                      "status": "met" if capacity["sessions"] >= GOAL_SESSIONS else "missed"})
     return goals
 
 
@@ -91,6 +107,27 @@ def batching_ratio(results: list[dict[str, Any]]) -> dict[str, Any] | None:
         ratio[f"{key}_ratio"] = b / a if a and b is not None else None
     rtf_on, rtf_off = on.get("reply_rtf_median"), off.get("reply_rtf_median")
     ratio["rtf_on"], ratio["rtf_off"] = rtf_on, rtf_off
+    return ratio
+
+
+def levers_ratio(results: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Latency and playback gaps with the engine's levers off / on, at the largest count run both ways."""
+    off = {r["clients"] for r in results if r.get("levers") == "off" and r.get("batching") is True}
+    on = {r["clients"] for r in results if r.get("levers", "on") == "on" and r.get("batching") is True
+          and r.get("profile", "back-to-back") == "back-to-back"}
+    both = sorted(off & on)
+    if not both:
+        return None
+    sessions = both[-1]
+    a, b = _run(results, sessions, True), _run(results, sessions, True, "off")
+    ratio: dict[str, Any] = {"sessions": sessions}
+    for key in ("p50", "p95", "mean"):
+        x, y = a["latency_ms"][key], b["latency_ms"][key]
+        ratio[f"{key}_on_ms"], ratio[f"{key}_off_ms"] = x, y
+        ratio[f"{key}_ratio"] = y / x if x and y is not None else None
+    ratio["gaps_on"], ratio["gaps_off"] = ((r.get("playback") or {}).get("with_gap") for r in (a, b))
+    ratio["rtf_on"], ratio["rtf_off"] = a.get("reply_rtf_median"), b.get("reply_rtf_median")
+    ratio["tick_on"], ratio["tick_off"] = a.get("tick_ms"), b.get("tick_ms")
     return ratio
 
 
@@ -152,10 +189,15 @@ def _load_section(results: list[dict[str, Any]], utterances: str | None) -> list
                      f"{r['turns_completed']}/{planned}", r["errors"], r["dropped"],
                      *(_ms(lat[k]) for k in ("mean", "p50", "p95", "p99", "std")), _num(r.get("reply_rtf_median")),
                      _ms(r.get("server_latency_ms", {}).get("p95")), _ms((r.get("send_lag_ms") or {}).get("p99")),
-                     _mb(r.get("server_rss_mb"))])
-    lines = ["", "## Load", "", how, "",
+                     _mb(r.get("server_rss_mb")), *_gap_cells(r.get("playback")), r.get("profile", "back-to-back"),
+                     r.get("levers", "on")])
+    lines = ["", "## Load", "", how, "", _PLAYBACK_HOW.format(buffer=settings.get("playback_buffer_ms") or 0), "",
              *md_table(["sessions", "batching", "turns", "errors", "dropped", "mean", "p50", "p95", "p99", "std",
-                        "reply RTF", "server p95", "client lag p99", "server RSS"], rows, "rlrrrrrrrrrrrr")]
+                        "reply RTF", "server p95", "client lag p99", "server RSS", "replies with a gap",
+                        "gap s (max)", "profile", "levers"], rows, "rlrrrrrrrrrrrrrrll")]
+    think = next((r.get("settings", {}).get("think") for r in results if r.get("profile") == "conversational"), None)
+    if think:
+        lines += ["", f"Conversational profile: as back-to-back, plus a {think}."]
     problems = [(r, code, n) for r in results for code, n in {**r.get("error_codes", {}),
                                                                **r.get("drop_reasons", {})}.items()]
     if problems:
@@ -165,10 +207,67 @@ def _load_section(results: list[dict[str, Any]], utterances: str | None) -> list
     return lines
 
 
-def _goals_section(results: list[dict[str, Any]]) -> list[str]:
+_PLAYBACK_HOW = ("Playback gap: from the arrival time of every reply frame, the seconds a real-time player "
+                 "(starting {buffer:g} ms after the first frame, then playing each frame's samples in turn) would "
+                 "have had nothing to play; a reply with any gap stutters. Levers: the engine's deadline "
+                 "scheduling, chunked encoding and precision as configured (on) or all off "
+                 "(serving.ahead_ms=0, encode_hops=1, precision=fp32). With deadline scheduling a reply is "
+                 "sent about as fast as it plays (plus serving.ahead_ms), so its RTF is near 1 by design; "
+                 "the playback gap says whether it kept up.")
+
+
+def _gap_cells(playback: dict[str, Any] | None) -> list[str]:
+    if not playback or not playback.get("replies"):
+        return ["-", "-"]
+    return [f"{playback['with_gap']}/{playback['replies']} ({playback['share_with_gap'] * 100:.0f} %)",
+            _num(playback["gap_s"]["max"])]
+
+
+def _goals_section(results: list[dict[str, Any]], capacity: dict[str, Any] | None = None) -> list[str]:
     rows = [[g["goal"], g["measured"], {"met": "met", "missed": "**missed**"}.get(g["status"], g["status"])]
-            for g in evaluate_goals(results)]
+            for g in evaluate_goals(results, capacity)]
     return ["", "## Goals", "", *md_table(["goal", "measured", "status"], rows)]
+
+
+def _capacity_section(capacity: dict[str, Any] | None) -> list[str]:
+    lines = ["", "## Capacity", ""]
+    if not capacity:
+        return lines + ["Not searched (--capacity-probes 0)."]
+    lines += [f"**{capacity['sessions']} sessions on {capacity['cores']} cores: "
+              f"{capacity['sessions_per_core']:.1f} sessions per core** (the largest count with {capacity['rule']}; "
+              f"failed at {capacity['failed_at'] if capacity['failed_at'] is not None else 'no count tried'}, "
+              f"search ceiling {capacity['ceiling']}). Probes beyond the runs above:", ""]
+    rows = [[t["sessions"], "pass" if t["passed"] else "fail", _ms(t["p95_ms"]), t["with_gap"], t["why"] or "-"]
+            for t in capacity["probes"]]
+    return lines + (md_table(["sessions", "result", "p95 ms", "replies with a gap", "why"], rows, "rlrrl")
+                    if rows else ["(none: the runs above already bracket it)"])
+
+
+def _tick_section(results: list[dict[str, Any]]) -> list[str]:
+    rows = [[r["clients"], r.get("profile", "back-to-back"), {True: "on", False: "off"}.get(r.get("batching"), "?"),
+             r.get("levers", "on"), *(_ms(r["tick_ms"][k]) for k in ("encode", "step", "decode", "other", "total")),
+             r["tick_ms"]["ticks"]] for r in results if r.get("tick_ms")]
+    if not rows:
+        return []
+    return ["", "## Engine ticks under load", "",
+            "Mean milliseconds per engine tick inside the server during each run, by part: encode (user audio), "
+            "step (S2S logits, sampling, KV step), decode (codec decoder), other (commands, scheduling, delivery).",
+            "", *md_table(["sessions", "profile", "batching", "levers", "encode", "step", "decode", "other", "total",
+                           "ticks"], rows, "rlllrrrrrr")]
+
+
+def _levers_section(ratio: dict[str, Any] | None) -> list[str]:
+    lines = ["", "## Engine levers on vs off", ""]
+    if ratio is None:
+        return lines + ["Not measured (no run with the levers off: --compare-levers 0)."]
+    gaps = lambda v: "-" if v is None else str(v)  # noqa: E731
+    return lines + [f"At {ratio['sessions']} sessions, the same model and load, the levers as configured vs all off "
+                    "(off / on: how many times longer callers wait without them):", "",
+                    *md_table(["figure", "levers on", "levers off", "off / on"], [
+                        *[[k, f"{_ms(ratio[f'{k}_on_ms'])} ms", f"{_ms(ratio[f'{k}_off_ms'])} ms",
+                           f"{_num(ratio[f'{k}_ratio'])}x"] for k in ("p50", "p95", "mean")],
+                        ["replies with a gap", gaps(ratio["gaps_on"]), gaps(ratio["gaps_off"]), ""],
+                        ["reply RTF (median)", _num(ratio["rtf_on"]), _num(ratio["rtf_off"]), ""]], "lrrr")]
 
 
 def _batching_section(ratio: dict[str, Any] | None) -> list[str]:
@@ -218,7 +317,8 @@ def _soak_section(soak: dict[str, Any] | None) -> list[str]:
 
 
 def write_benchmarks(path: Path, results: list[dict[str, Any]], meta: dict[str, Any],
-                     soak: dict[str, Any] | None = None, root: Path | None = None) -> Path:
+                     soak: dict[str, Any] | None = None, root: Path | None = None,
+                     capacity: dict[str, Any] | None = None, engine_profile: str | None = None) -> Path:
     """docs/benchmarks.md from the runs (`LoadResult.summary()` plus batching, server_rss_mb,
     server_stats), written atomically. meta: command, machine (machine_info()), model (the server's
     /stats model), serving (settings), started (ISO time), notes (list of lines). Paths under
@@ -230,7 +330,9 @@ def write_benchmarks(path: Path, results: list[dict[str, Any]], meta: dict[str, 
              *_machine_section(meta.get("machine") or machine_info()),
              *_model_section(meta.get("model") or {}, meta.get("serving")),
              *_load_section(results, meta.get("utterances")),
-             *_goals_section(results), *_batching_section(batching_ratio(results)), *_soak_section(soak)]
+             *_goals_section(results, capacity), *_capacity_section(capacity), *_batching_section(batching_ratio(results)),
+             *_levers_section(levers_ratio(results)), *_tick_section(results),
+             *([engine_profile] if engine_profile else []), *_soak_section(soak)]
     if meta.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in meta["notes"]]
     text = "\n".join(lines) + "\n"

@@ -1,6 +1,7 @@
 """`s2s loadtest`'s suite: utterances to speak, runs with batching on (and off) against started
-servers or a running one, then a soak; the report is load_report's. The command line itself is in
-s2s/ (the CLI), which calls run_suite.
+servers or a running one, the conversational profile beside the back-to-back one, the capacity
+search, a run with the engine's levers off (the same count, for the ratio), then a soak; the
+report is load_report's. The command line itself is in s2s/ (the CLI), which calls run_suite.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ import numpy as np
 from core.labels import EMOTIONS, SPEAKERS
 from tasks.benchmarks.load_client import (SAMPLE_RATE, LoadTestError, _wait_idle, process_rss_mb, run_load,
                                           server_stats, soak)
-from tasks.benchmarks.load_report import _mb, _ms, _now, _num, batching_ratio, evaluate_goals, machine_info
+from tasks.benchmarks.capacity import search_capacity
+from tasks.benchmarks.load_report import (_mb, _ms, _now, _num, batching_ratio, evaluate_goals, levers_ratio,
+                                          machine_info)
+from tasks.benchmarks.playback import ThinkTime
 from tasks.benchmarks.server_launcher import ServerProcess
 
 
@@ -56,6 +60,9 @@ def espeak_turns(count: int) -> list[tuple[np.ndarray, str, str]]:
 
 # --- the command -----------------------------------------------------------------------------------
 
+# serving settings with every engine lever off: the baseline of the levers' ratio (docs/benchmarks.md)
+LEVERS_OFF = ["serving.ahead_ms=0", "serving.encode_hops=1", "serving.precision=fp32"]
+
 
 def _session_counts(text: str) -> list[int]:
     try:
@@ -67,42 +74,95 @@ def _session_counts(text: str) -> list[int]:
     return counts
 
 
-async def _measure(url: str, sessions: list[int], batching: bool | None, turns: int, utterances: list[np.ndarray],
-                   speakers: list[str], emotions: list[str], token: str | None, pid: int | None,
-                   options: dict[str, Any], console: Any) -> list[dict[str, Any]]:
-    """A warm-up turn, then one run per session count against one server."""
+def tick_profile(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any] | None:
+    """Mean ms per engine tick of each part (encode, step, decode, other) between two /stats."""
+    a, b = (before.get("engine") or {}), (after.get("engine") or {})
+    ticks = (b.get("ticks") or 0) - (a.get("ticks") or 0)
+    if not b or ticks <= 0:
+        return None
+    spent = {k: (v - (a.get("tick_seconds") or {}).get(k, 0.0)) * 1000 / ticks for k, v in b["tick_seconds"].items()}
+    total = spent.pop("total")
+    return {**spent, "other": max(total - sum(spent.values()), 0.0), "total": total, "ticks": ticks}
+
+
+async def _warm_up(url: str, utterances: list[np.ndarray], token: str | None, speakers: list[str],
+                   emotions: list[str], options: dict[str, Any]) -> None:
     await run_load(url, 1, 1, utterances[:1], token, speakers=speakers, emotions=emotions, realtime=False,
                    turn_timeout_s=options.get("turn_timeout_s", 120.0))
-    rows = []
-    for count in sessions:
-        await _wait_idle(url, token, timeout=30.0)
-        before = await asyncio.to_thread(server_stats, url, token) or {}
-        result = await run_load(url, count, turns, utterances, token, speakers=speakers, emotions=emotions,
-                                **options)
-        await _wait_idle(url, token, timeout=30.0)
-        after = await asyncio.to_thread(server_stats, url, token) or {}
-        row = result.summary()
-        row["batching"] = after.get("batching", batching) if batching is None else batching
-        row["server_rss_mb"] = process_rss_mb(pid)
-        row["server_stats"] = after
-        row["server_errors_delta"] = ((after.get("errors_total") or 0) - (before.get("errors_total") or 0)
-                                      if after else None)
-        rows.append(row)
-        lat = row["latency_ms"]
-        console.print(f"{count} sessions (batching {'on' if row['batching'] else 'off'}): "
-                      f"{row['turns_completed']}/{row['turns_planned']} turns, {row['errors']} errors, "
-                      f"{row['dropped']} dropped; latency p50 {_ms(lat['p50'])} p95 {_ms(lat['p95'])} ms, "
-                      f"RTF {_num(row['reply_rtf_median'])}", soft_wrap=True)
-    return rows
+
+
+async def _measure_one(url: str, count: int, batching: bool | None, turns: int, utterances: list[np.ndarray],
+                       speakers: list[str], emotions: list[str], token: str | None, pid: int | None,
+                       options: dict[str, Any], console: Any, label: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One run of `count` sessions against a server that is idle before and after it."""
+    label = {"profile": "back-to-back", "levers": "on", **(label or {})}
+    await _wait_idle(url, token, timeout=30.0)
+    before = await asyncio.to_thread(server_stats, url, token) or {}
+    result = await run_load(url, count, turns, utterances, token, speakers=speakers, emotions=emotions, **options)
+    await _wait_idle(url, token, timeout=30.0)
+    after = await asyncio.to_thread(server_stats, url, token) or {}
+    row = {**result.summary(), **label}
+    row["batching"] = after.get("batching", batching) if batching is None else batching
+    row["server_rss_mb"] = process_rss_mb(pid)
+    row["server_stats"] = after
+    row["tick_ms"] = tick_profile(before, after)
+    row["server_errors_delta"] = ((after.get("errors_total") or 0) - (before.get("errors_total") or 0)
+                                  if after else None)
+    lat, gaps = row["latency_ms"], row["playback"]
+    console.print(f"{count} sessions ({label['profile']}, batching {'on' if row['batching'] else 'off'}, levers "
+                  f"{label['levers']}): {row['turns_completed']}/{row['turns_planned']} turns, {row['errors']} errors, "
+                  f"{row['dropped']} dropped; latency p50 {_ms(lat['p50'])} p95 {_ms(lat['p95'])} ms, "
+                  f"RTF {_num(row['reply_rtf_median'])}, replies with a gap {gaps['with_gap']}/{gaps['replies']}",
+                  soft_wrap=True)
+    return row
+
+
+async def _measure(url: str, sessions: list[int], batching: bool | None, turns: int, utterances: list[np.ndarray],
+                   speakers: list[str], emotions: list[str], token: str | None, pid: int | None,
+                   options: dict[str, Any], console: Any, label: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """A warm-up turn, then one run per session count against one server."""
+    await _warm_up(url, utterances, token, speakers, emotions, options)
+    return [await _measure_one(url, count, batching, turns, utterances, speakers, emotions, token, pid, options,
+                               console, label) for count in sessions]
+
+
+async def _measure_batched(url: str, sessions: list[int], batching: bool | None, turns: int,
+                           utterances: list[np.ndarray], speakers: list[str], emotions: list[str], token: str | None,
+                           pid: int | None, options: dict[str, Any], console: Any, conversational: list[int],
+                           think: ThinkTime | None, capacity_probes: int, capacity_turns: int, ceiling: int
+                           ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The main server's runs: back-to-back at each count, conversational ones, the capacity search."""
+    rows = await _measure(url, sessions, batching, turns, utterances, speakers, emotions, token, pid, options,
+                          console)
+    talk = {**options, "think": think or ThinkTime()}
+    for count in conversational:
+        rows.append(await _measure_one(url, count, batching, turns, utterances, speakers, emotions, token, pid, talk,
+                                       console, {"profile": "conversational"}))
+    capacity = None
+    if capacity_probes > 0:
+        async def probe(count: int) -> dict[str, Any]:
+            row = await _measure_one(url, count, batching, capacity_turns, utterances, speakers, emotions, token, pid,
+                                     options, console, {"profile": "capacity probe"})
+            return row
+
+        capacity = await search_capacity(probe, [r for r in rows if r["profile"] == "back-to-back"],
+                                         capacity_probes, ceiling)
+        console.print(f"capacity: {capacity['sessions']} sessions ({capacity['sessions_per_core']:.1f} per core; "
+                      f"failed at {capacity['failed_at']})", soft_wrap=True)
+    return rows, capacity
 
 
 def run_suite(params: Any, *, model: str | None, url: str | None, server_pid: int | None, sessions: list[int],
               turns: int, compare_unbatched: int, soak_seconds: float, soak_sessions: int, soak_sample_every: float,
               turns_per_session: int, options: dict[str, Any], token: str | None, port: int | None,
               overrides: list[str], profile: str | None, utterance_count: int, console: Any,
-              log_dir: Path | None = None, command: str | None = None) -> dict[str, Any]:
-    """Everything `s2s loadtest` measures: runs with batching (and without), then the soak; returns
-    the report ({meta, runs, goals, batching_ratio, soak})."""
+              log_dir: Path | None = None, command: str | None = None, conversational: list[int] | None = None,
+              think: ThinkTime | None = None, compare_levers: int = 0, capacity_probes: int = 0,
+              capacity_turns: int = 2, capacity_ceiling: int | None = None) -> dict[str, Any]:
+    """Everything `s2s loadtest` measures: runs with batching (and without), the conversational
+    profile, the capacity search, levers off, then the soak; returns the report ({meta, runs,
+    goals, batching_ratio, levers_ratio, capacity, soak})."""
+    conversational = list(conversational or [])
     serving = params.serving
     utterances, speakers, emotions, source = load_utterances(params, utterance_count,
                                                              serving.max_utterance_seconds * 0.95)
@@ -112,36 +172,48 @@ def run_suite(params: Any, *, model: str | None, url: str | None, server_pid: in
     notes = []
     runs: list[dict[str, Any]] = []
     soak_summary = None
-    needed = max([*sessions, compare_unbatched, soak_sessions if soak_seconds > 0 else 0])
+    ceiling = capacity_ceiling or max(2 * max(sessions), serving.max_sessions)
+    needed = max([*sessions, *conversational, compare_unbatched, compare_levers,
+                  soak_sessions if soak_seconds > 0 else 0, ceiling if capacity_probes else 0])
     extra = list(overrides)
     if needed > serving.max_sessions:
         extra.append(f"serving.max_sessions={needed}")
         notes.append(f"serving.max_sessions raised to {needed} for the started servers")
     model_info: dict[str, Any] = {}
 
-    def server(batching: bool, label: str) -> ServerProcess:
+    def server(batching: bool, label: str, more: list[str] | None = None) -> ServerProcess:
         log = (log_dir / f"loadtest-server-{label}.log") if log_dir else None
-        return ServerProcess(model, [*extra, f"serving.batching={str(batching).lower()}"], profile, port,
-                             serving.host, log)
+        return ServerProcess(model, [*extra, f"serving.batching={str(batching).lower()}", *(more or [])], profile,
+                             port, serving.host, log)
 
     def remember_model(target: str) -> None:
         stats = server_stats(target, token) or {}
         model_info.update(stats.get("model") or {})
 
+    capacity = None
+    batched = dict(conversational=conversational, think=think, capacity_probes=capacity_probes,
+                   capacity_turns=capacity_turns, ceiling=ceiling)
     if url:
         remember_model(url)
-        runs += asyncio.run(_measure(url, sessions, None, turns, utterances, speakers, emotions, token, server_pid,
-                                     options, console))
-        if compare_unbatched:
-            notes.append("--url: no run with batching off (a running server cannot be restarted by the load test)")
+        measured, capacity = asyncio.run(_measure_batched(url, sessions, None, turns, utterances, speakers, emotions,
+                                                          token, server_pid, options, console, **batched))
+        runs += measured
+        if compare_unbatched or compare_levers:
+            notes.append("--url: no run with batching or the levers off (a running server cannot be restarted by "
+                         "the load test)")
         if soak_seconds > 0:
             soak_summary = _soak(url, server_pid, soak_sessions, soak_seconds, soak_sample_every, turns_per_session,
                                  utterances, speakers, emotions, token, options, console)
     else:
         with server(True, "batched") as proc:
             remember_model(proc.url)
-            runs += asyncio.run(_measure(proc.url, sessions, True, turns, utterances, speakers, emotions, token,
-                                         proc.pid, options, console))
+            measured, capacity = asyncio.run(_measure_batched(proc.url, sessions, True, turns, utterances, speakers,
+                                                              emotions, token, proc.pid, options, console, **batched))
+            runs += measured
+        if compare_levers:
+            with server(True, "levers-off", LEVERS_OFF) as proc:
+                runs += asyncio.run(_measure(proc.url, [compare_levers], True, turns, utterances, speakers,
+                                             emotions, token, proc.pid, options, console, {"levers": "off"}))
         if compare_unbatched:
             with server(False, "unbatched") as proc:
                 runs += asyncio.run(_measure(proc.url, [compare_unbatched], False, turns, utterances, speakers,
@@ -152,14 +224,16 @@ def run_suite(params: Any, *, model: str | None, url: str | None, server_pid: in
                 soak_summary = _soak(proc.url, proc.pid, soak_sessions, soak_seconds, soak_sample_every,
                                      turns_per_session, utterances, speakers, emotions, token, options, console)
     serving_settings = {k: getattr(serving, k) for k in ("temperature", "top_k", "max_reply_seconds",
-                                                         "min_reply_seconds", "threads", "max_sessions")}
+                                                         "min_reply_seconds", "threads", "max_sessions", "ahead_ms",
+                                                         "encode_hops", "precision")}
     if url:
         serving_settings = {"url": url}
     meta = {"command": command or "s2s loadtest", "utterances": described, "started": started, "finished": _now(),
             "machine": machine_info(), "model": model_info,
             "serving": serving_settings, "notes": notes}
-    return {"meta": meta, "runs": runs, "goals": evaluate_goals(runs), "batching_ratio": batching_ratio(runs),
-            "soak": soak_summary}
+    meta["think"] = (think or ThinkTime()).describe() if conversational else None
+    return {"meta": meta, "runs": runs, "goals": evaluate_goals(runs, capacity), "batching_ratio": batching_ratio(runs),
+            "levers_ratio": levers_ratio(runs), "capacity": capacity, "soak": soak_summary}
 
 
 def _soak(url: str, pid: int | None, clients: int, seconds: float, every: float, turns_per_session: int,
@@ -171,5 +245,5 @@ def _soak(url: str, pid: int | None, clients: int, seconds: float, every: float,
 
     result = asyncio.run(soak(url, clients, seconds, utterances, token, speakers=speakers, emotions=emotions,
                               turns_per_session=turns_per_session, sample_every_s=every, server_pid=pid,
-                              on_sample=show, **{k: v for k, v in options.items() if k != "deflate"}))
+                              on_sample=show, **{k: v for k, v in options.items() if k not in ("deflate", "playback_buffer_ms")}))
     return result.summary()

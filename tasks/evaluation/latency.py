@@ -4,6 +4,8 @@ Latency is what a caller waits between the end of their utterance and the first 
 reply. The user's audio is fed in chunks as a microphone would send it (its encoding happens
 while they speak, as in the server); the clock starts at end of utterance and stops when the
 first decoded frame is out. The utterances are real user turns from the test split's pairs.
+The figures also carry the capacity (sessions per core) the last `s2s loadtest` recorded, when
+there is one, for the gate and the sign-off report to quote.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from core.config import Params
 from core.labels import EMOTIONS, SPEAKERS
 from serving.bundle import ModelBundle, recorded_sampling
 from serving.engine import Engine, ReplyEvent
+from serving.precision import with_precision
 from serving.session import GenerationSettings
+from tasks.benchmarks.capacity import recorded_capacity
 from tasks.data.corpus_audio import CorpusError, read_manifest
 
 
@@ -86,7 +90,9 @@ def measure_latency(bundle: ModelBundle, params: Params, utterances: list[tuple[
     settings = GenerationSettings.from_params(params.serving, recorded_sampling(bundle.meta))
     chunk = int(bundle.sample_rate * cfg.chunk_ms / 1000)
     firsts, rtfs = [], []
-    engine = Engine(bundle, settings, max_sessions=1, threads=cfg.threads).start()
+    serving = params.serving  # the server's levers: the gate measures the code path it runs
+    engine = Engine(with_precision(bundle, serving.precision), settings, max_sessions=1, threads=cfg.threads,
+                    ahead_ms=serving.ahead_ms, encode_hops=serving.encode_hops).start()
     try:
         for i, (audio, speaker, emotion) in enumerate(tqdm(utterances, desc="latency", unit="turn")):
             audio = audio[: int(settings.max_utterance_seconds * bundle.sample_rate)]
@@ -97,10 +103,12 @@ def measure_latency(bundle: ModelBundle, params: Params, utterances: list[tuple[
     finally:
         engine.stop()
     values = np.array(firsts)
-    return {"first_audio_mean_ms": float(values.mean()), "first_audio_p50_ms": float(np.percentile(values, 50)),
-            "first_audio_p95_ms": float(np.percentile(values, 95)), "first_audio_std_ms": float(values.std()),
-            "first_audio_min_ms": float(values.min()), "first_audio_max_ms": float(values.max()),
-            "reply_realtime_factor": float(np.median(rtfs)), "turns": float(len(values))}
+    figures = {"first_audio_mean_ms": float(values.mean()), "first_audio_p50_ms": float(np.percentile(values, 50)),
+               "first_audio_p95_ms": float(np.percentile(values, 95)), "first_audio_std_ms": float(values.std()),
+               "first_audio_min_ms": float(values.min()), "first_audio_max_ms": float(values.max()),
+               "reply_realtime_factor": float(np.median(rtfs)), "turns": float(len(values))}
+    # the serving capacity the last `s2s loadtest` found (quoted by the gate, not measured here)
+    return {**figures, **(recorded_capacity(params.path(params.paths.artifacts) / "loadtest.json") or {})}
 
 
 def write_latency(path: Path, figures: dict[str, float]) -> None:

@@ -33,6 +33,8 @@ CHECKLIST: list[tuple[str, str | None, str, float | None, str]] = [
     ("S2S perplexity < 10", "s2s.perplexity", "<=", 10.0, "validation split"),
     ("Latency mean < 150 ms", "latency.first_audio_mean_ms", "<=", 150.0, "first audio, serving code path"),
     ("Latency std < 20 ms", "latency.first_audio_std_ms", "<=", 20.0, "first audio, serving code path"),
+    ("Capacity: 100 sessions on 2 cores", "latency.capacity_sessions_per_core", ">=", 50.0,
+     "sessions per core within p95 < 300 ms and no playback gap (s2s loadtest, docs/benchmarks.md)"),
     ("Codec training cost ~$32", "cost.codec_usd", "<=", 32.0, "device hours x rate in params.yaml"),
     ("S2S training cost ~$96", "cost.s2s_usd", "<=", 96.0, "device hours x rate in params.yaml"),
     ("Total training cost $130", "cost.total_usd", "<=", 130.0, ""),
