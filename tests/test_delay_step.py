@@ -103,3 +103,20 @@ def test_move_row_carries_a_reply_in_progress():
     run(state, lambda s: torch.tensor([[1] * K, [2] * K]), 2)
     state.move_row(1, 0)
     assert int(state.step[0]) == 2 and torch.equal(state.ring[0], state.ring[1])
+
+
+def test_top_k_sampling_draws_the_masked_distribution():
+    """Drawing among the k best ids gives what masking the others gives: never an id outside the
+    top k, and each of those at its renormalised probability."""
+    import torch
+
+    from models.delay_step import sample
+
+    logits = torch.randn(20, generator=torch.Generator().manual_seed(4))
+    expected = torch.softmax(torch.where(logits >= logits.topk(5).values[-1], logits / 0.7, -float("inf")), -1)
+    draws = sample(logits.expand(4000, 5, 20), 0.7, 5, torch.Generator().manual_seed(5))
+    assert draws.shape == (4000, 5)
+    counts = torch.bincount(draws.flatten(), minlength=20).double() / draws.numel()
+    assert set(draws.unique().tolist()) <= set(logits.topk(5).indices.tolist())
+    assert torch.allclose(counts, expected.double(), atol=0.01), (counts, expected)
+    assert torch.equal(sample(logits[None], 0.0, 5, None), logits.argmax()[None])
