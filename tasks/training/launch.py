@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
+
 from core.config import Params
 
 Stage = Literal["codec", "s2s"]
@@ -41,13 +43,17 @@ def param_flags(params: Params) -> list[str]:
     flags: list[str] = []
 
     def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict) and node:
+        if isinstance(node, dict) and node and all(isinstance(k, str) and k.isidentifier() for k in node):
             for key, value in node.items():
                 walk(value, f"{prefix}{key}.")
+        elif isinstance(node, dict) and node:  # keyed by data (sessions -> latency): one YAML value
+            plain = json.loads(json.dumps({k: v for k, v in node.items()}, default=str))
+            restored = {int(k) if isinstance(k, str) and k.lstrip("-").isdigit() else k: v for k, v in plain.items()}
+            flags.append(f"--set={prefix[:-1]}={yaml.safe_dump(restored, default_flow_style=True, width=10**9).strip()}")
         else:
-            flags.append(f"--set={prefix[:-1]}={json.dumps(node, separators=(',', ':'))}")
+            flags.append(f"--set={prefix[:-1]}={json.dumps(node, separators=(',', ':'), default=str)}")
 
-    walk(params.model_dump(mode="json", exclude={"profile", "root"}), "")
+    walk(params.model_dump(mode="python", exclude={"profile", "root"}), "")
     return flags
 
 
