@@ -299,6 +299,7 @@ class LatencyGate(_Section):
     max_mean_ms: float
     max_p95_ms: float
     max_std_ms: float
+    min_capacity_sessions_per_core: float | None = None  # from the last `s2s loadtest`; null: quoted, not gated
 
 
 class QualityGate(_Section):

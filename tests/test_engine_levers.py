@@ -208,13 +208,17 @@ def test_the_latency_gate_and_the_signoff_quote_the_recorded_capacity(tmp_path: 
                                                                      "cores": 2}}))
     figures = {"first_audio_mean_ms": 40.0, "first_audio_p95_ms": 60.0, "first_audio_std_ms": 5.0,
                **recorded_capacity(tmp_path / "loadtest.json")}
-    gate = latency_gate(figures, LatencyGate(max_mean_ms=150, max_p95_ms=300, max_std_ms=20))
+    quoted = latency_gate(figures, LatencyGate(max_mean_ms=150, max_p95_ms=300, max_std_ms=20))
+    assert quoted.passed and [c.metric for c in quoted.checks] == ["first_audio_mean_ms", "first_audio_p95_ms",
+                                                                  "first_audio_std_ms"]  # no floor: quoted only
+    floor = LatencyGate(max_mean_ms=150, max_p95_ms=300, max_std_ms=20, min_capacity_sessions_per_core=30)
+    gate = latency_gate(figures, floor)
     check = gate.checks[-1]
     assert gate.passed and check.metric == "capacity_sessions_per_core" and check.value == 35.0
     assert "70 sessions on 2 cores" in check.describe()
-    assert [c.metric for c in latency_gate(figures | {"capacity_sessions_per_core": None},
-                                           LatencyGate(max_mean_ms=150, max_p95_ms=300, max_std_ms=20)).checks] \
-        == ["first_audio_mean_ms", "first_audio_p95_ms", "first_audio_std_ms"]
+    assert not latency_gate(figures, floor.model_copy(update={"min_capacity_sessions_per_core": 50})).passed
+    unmeasured = latency_gate(figures | {"capacity_sessions_per_core": None}, floor)
+    assert not unmeasured.passed and "not measured" in unmeasured.checks[-1].describe()
     info = {"name": "telugu-s2s", "version": "3", "aliases": [], "run_id": "r", "tags": {},
             "evaluation": {"metrics": {"latency": figures}}}
     markdown = render_report(info, [])
