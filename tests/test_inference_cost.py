@@ -33,6 +33,9 @@ def test_capacity_is_the_largest_count_within_the_target_with_no_errors():
     assert "2026-11-26" in capacity.source and "artifacts/loadtest.json" in capacity.source
     failing = {**REPORT, "runs": [{**REPORT["runs"][1], "errors": 3}]}
     assert capacity_from_report(failing, 300.0, "x").sessions == 0
+    searched = {**REPORT, "capacity": {"sessions": 7, "sessions_per_core": 3.5, "cores": 2}}
+    strict = capacity_from_report(searched, 300.0, "x")  # the search also refuses playback gaps
+    assert (strict.sessions, strict.cores) == (7, 2) and "capacity search" in strict.source
 
 
 def test_cost_per_hour_day_month_and_user_hour_at_the_stated_load(project_root: Path):

@@ -42,6 +42,11 @@ def capacity_from_report(report: dict[str, Any], target_p95_ms: float, source: s
     first = {r["clients"]: {k: float(r["latency_ms"][k]) for k in ("p50", "p95") if r["latency_ms"].get(k) is not None}
              for r in runs}
     when = meta.get("started", "date unknown")
+    searched = report.get("capacity")
+    if isinstance(searched, dict) and isinstance(searched.get("sessions"), (int, float)) and searched.get("cores"):
+        # The load test's own capacity search: p95 under target and no playback gap (its stricter rule).
+        return Capacity(int(searched["sessions"]), int(searched["cores"]),
+                        f"{source} (s2s loadtest capacity search of {when}: p95 first audio and playback gaps)", first)
     return Capacity(max(fits, default=0), cores, f"{source} (s2s loadtest of {when}, {cores} cores, batching on)",
                     first)
 
