@@ -20,9 +20,7 @@ from tasks.benchmarks.load_report import batching_ratio, evaluate_goals, write_b
 from .conftest import speak
 from .live_server import LiveServer
 
-# ahead_ms 0: these tests count turns within a few seconds, so replies go out as fast as they are
-# made; paced replies (deadline scheduling) are tests/test_engine_levers.py's
-QUICK = {"max_reply_seconds": 0.6, "min_reply_seconds": 0.1, "ahead_ms": 0}
+QUICK = {"max_reply_seconds": 0.6, "min_reply_seconds": 0.1}
 
 
 @pytest.fixture(scope="module")
