@@ -44,3 +44,33 @@ def test_the_corpus_numerics_run_capped_at_avx2_and_one_thread():
     capability, threads, mkl = pinned_numerics.run_pinned(_child_numerics)
     assert capability == "AVX2" and threads == 1 and mkl == "AVX2"
     assert "S2S_PINNED_NUMERICS" not in os.environ, "the parent's environment is left as it was"
+
+
+def test_an_interrupted_caller_stops_the_pinned_child(tmp_path: Path):
+    """SIGTERM of a flow mid-step (a worker stopping it) ends the pinned child's work at once,
+    instead of waiting for the step (minutes of segmentation) to finish."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    if not pinned_numerics.has_avx2():
+        pytest.skip("no AVX2 here: the steps run in place")
+    script = (  # SIGTERM raises in the caller, as Prefect's flow engine makes it do
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))\n"
+        "from tasks.data.pinned_numerics import run_pinned\n"
+        "print('started', flush=True)\n"
+        "run_pinned(time.sleep, 600)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).resolve().parent.parent,
+                               stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "started"
+    time.sleep(20)  # the child is up and sleeping
+    children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) != 0
+    time.sleep(1)
+    alive = [pid for pid in children if Path(f"/proc/{pid}").exists()
+             and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()]
+    assert not alive, f"pinned children still running after the caller stopped: {alive}"

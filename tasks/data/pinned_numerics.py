@@ -134,11 +134,19 @@ def run_pinned(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     global _pool
     if is_pinned():
         return fn(*args, **kwargs)
+    pool = _worker()
     try:
-        return _worker().submit(_call, dict(os.environ), fn, args, kwargs).result()
+        return pool.submit(_call, dict(os.environ), fn, args, kwargs).result()
     except BrokenProcessPool:  # the child died (killed, out of memory): the next call starts another
         with _pool_guard:
             _pool = None
+        raise
+    except BaseException:  # interrupted (SIGTERM, Ctrl-C): stop the child's work too, not wait for it
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.kill()
+        with _pool_guard:
+            _pool = None
+        pool.shutdown(wait=False, cancel_futures=True)
         raise
 
 
