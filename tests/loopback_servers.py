@@ -137,7 +137,7 @@ def postgres(log_dir: Path) -> Iterator[Postgres]:
             return subprocess.run([_pg_bin("pg_isready") or "pg_isready", "-h", "127.0.0.1", "-p", str(port)],
                                   capture_output=True).returncode == 0
 
-        server.wait_until(ready, "PostgreSQL", 60)
+        server.wait_until(ready, "PostgreSQL", 120)
 
         def make(name: str) -> str:
             made = subprocess.run([createdb, "-h", "127.0.0.1", "-p", str(port), "-U", user, name],
@@ -188,7 +188,7 @@ def moto_s3(log_dir: Path, buckets: tuple[str, ...] = ()) -> Iterator[S3]:
     saved = {k: os.environ.get(k) for k in S3_ENV}
     try:
         endpoint = f"http://127.0.0.1:{port}"
-        server.wait_until(lambda: http_ok(f"{endpoint}/moto-api/"), "moto_server", 60)
+        server.wait_until(lambda: http_ok(f"{endpoint}/moto-api/"), "moto_server", 120)
         os.environ.update(S3_ENV)
         s3 = S3(endpoint)
         for bucket in buckets:
@@ -217,7 +217,7 @@ def mlflow_server(backend_uri: str, artifacts: str, s3: S3, log_dir: Path) -> It
                       "--workers", "1"], log_dir / "mlflow-server.log", env=env)
     try:
         url = f"http://127.0.0.1:{port}"
-        server.wait_until(lambda: http_ok(f"{url}/health"), "mlflow server", 180)
+        server.wait_until(lambda: http_ok(f"{url}/health"), "mlflow server", 600)  # migrations: minutes on a busy runner
         yield url
     finally:
         server.stop()
@@ -245,7 +245,7 @@ def prefect_server(database_url: str, log_dir: Path) -> Iterator[tuple[str, dict
                      log_dir / "prefect-server.log", env=env, cwd=log_dir)
     try:
         api = f"http://127.0.0.1:{port}/api"
-        server.wait_until(lambda: http_ok(f"{api}/health"), "prefect server", 180)
+        server.wait_until(lambda: http_ok(f"{api}/health"), "prefect server", 600)
         client_env = {k: v for k, v in env.items() if k != "PREFECT_API_DATABASE_CONNECTION_URL"}
         client_env["PREFECT_API_URL"] = api
         yield api, client_env

@@ -91,7 +91,7 @@ def test_a_team_tracks_registers_and_serves_through_mlflow_server(tmp_path: Path
         sums = list((server_machine / "artifacts" / "publish").rglob("SHA256SUMS"))
         assert len(sums) == 2, published.stdout[-2000:]
 
-        with ServerProcess(None, log_path=logs / "serve.log") as serve:  # serving.model: models:/telugu-s2s@champion
+        with ServerProcess(None, log_path=logs / "serve.log", startup_timeout_s=600) as serve:  # serving.model: the champion
             config = http_json(f"http://127.0.0.1:{serve.port}/stats")
         assert "telugu-s2s@champion" in str(config), config
         assert not (server_machine / "mlflow").exists()
