@@ -8,11 +8,11 @@ and size, and `compare` turns two listings into the files that differ. `s2s corp
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from core import atomic
+from core.hashing import file_sha256
 
 DIGESTS_FILE = "data.digests"
 
@@ -23,18 +23,10 @@ class FileDigest:
     size: int
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def tree_digests(folder: Path) -> dict[str, FileDigest]:
     """Every file under `folder` by its POSIX path relative to it (DVC ignores nothing in data/)."""
     folder = Path(folder)
-    return {path.relative_to(folder).as_posix(): FileDigest(_sha256(path), path.stat().st_size)
+    return {path.relative_to(folder).as_posix(): FileDigest(file_sha256(path), path.stat().st_size)
             for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
