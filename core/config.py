@@ -257,6 +257,7 @@ class S2STrainConfig(_TrainConfig):
     max_turn_frames: int
     condition_dropout: float      # share of examples trained with the null speaker and emotion
     loss_weights: LossWeights = LossWeights()
+    reply_renderings: int = 0     # extra renderings of each train reply in other voices/emotions
 
 
 class AlignConfig(_Section):

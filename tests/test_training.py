@@ -67,7 +67,8 @@ def test_s2s_tokenizes_trains_logs_and_refuses_other_configs(tiny_corpus: Path, 
     from tasks.training.train_codec import train_codec
     from tasks.training.train_s2s import train_s2s
 
-    params = load_params("smoke", {**TINY, "codec_train": {**TINY["codec_train"], "max_steps": 4}})
+    params = load_params("smoke", {**TINY, "codec_train": {**TINY["codec_train"], "max_steps": 4},
+                                   "s2s_train": {**TINY["s2s_train"], "reply_renderings": 2}})
     codec = train_codec(params)
     assert codec.run_id and set(codec.metrics) >= {"snr_db", "si_sdr_db", "mel_distance", "stoi"}
 
@@ -76,9 +77,21 @@ def test_s2s_tokenizes_trains_logs_and_refuses_other_configs(tiny_corpus: Path, 
     tokens = project_root / "artifacts/tokens"
     assert {p.name for p in tokens.iterdir()} >= {"train.npz", "val.npz", "test.npz", "codec_config.json"}
 
+    # 3 train pairs, each reply spoken again in 2 other (speaker, emotion) pairs, cached.
+    from tasks.training.reply_renderings import load_renderings
+
+    renderings = load_renderings(tokens / "renderings")
+    train_pairs = [json.loads(line) for line in (tiny_corpus / "pairs.jsonl").read_text().splitlines()
+                   if '"train"' in line]
+    assert len(renderings) == 2 * len(train_pairs) == 6
+    original = {p["input_segment"]: (p["reply_speaker"], p["reply_emotion"]) for p in train_pairs}
+    assert all((r.speaker, r.emotion) != original[r.input_segment] for r in renderings)
+    assert all(r.codes.shape[0] == 2 and r.codes.shape[1] > 20 and r.text is not None for r in renderings)
+
     import mlflow
 
     run = mlflow.get_run(result.run_id)
+    assert run.data.params["train_pairs"] == "9"
     assert run.data.tags["corpus_hash"] == "unversioned" and run.data.tags["git_commit"]
     assert "val_perplexity" in run.data.metrics and "cost_usd" in run.data.metrics
     assert (project_root / "mlflow" / "mlflow.db").is_file()
@@ -129,3 +142,26 @@ def test_codec_only_voices_are_deterministic_and_hold_out_the_unseen_set():
     assert len(first) == 3 and all(a.dtype.name == "int16" and len(a) > 16000 for a in first)
     assert all((a == b).all() for a, b in zip(first, again))
     assert extra_voice_clips(0, seed=5) == []
+
+
+def test_reply_renderings_plan_other_controls_in_balance():
+    from collections import Counter
+
+    from core.labels import EMOTIONS, SPEAKERS
+    from tasks.training.reply_renderings import plan_renderings, sentence_of
+
+    assert sentence_of("అరే! మీ పేరు ఏమిటి?") == "మీ పేరు ఏమిటి?"
+    assert sentence_of("మీ పేరు ఏమిటి?") == "మీ పేరు ఏమిటి?"
+    pairs = [{"input_segment": f"s--{i}", "reply_segment": f"r--{i}", "input_speaker": SPEAKERS[i % 4],
+              "reply_speaker": SPEAKERS[(i + 1) % 4], "reply_emotion": EMOTIONS[i % 9]} for i in range(72)]
+    texts = {f"r--{i}": "అరే! మీ పేరు ఏమిటి?" for i in range(71)}  # the last reply has no transcript
+    plan = plan_renderings(pairs, texts, 6, seed=1)
+    assert plan == plan_renderings(pairs, texts, 6, seed=1) and len(plan) == 71 * 6
+    by_input = {p["input_segment"]: p for p in pairs}
+    for segment, sentence, speaker, emotion in plan:
+        pair = by_input[segment]
+        assert sentence == "మీ పేరు ఏమిటి?" and speaker != pair["input_speaker"]
+        assert (speaker, emotion) != (pair["reply_speaker"], pair["reply_emotion"])
+    assert len({(s, e) for _, _, s, e in plan}) == len(SPEAKERS) * len(EMOTIONS)
+    emotions = Counter(e for *_, e in plan)
+    assert max(emotions.values()) < 1.5 * min(emotions.values())

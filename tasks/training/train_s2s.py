@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -33,10 +34,11 @@ from tasks.training.cost import cost_metrics, planned_steps
 from tasks.training.curve import record_point, snapshot_path
 from tasks.training.device import autocast, init_distributed, select_device
 from tasks.training.provenance import corpus_fingerprint, run_tags
+from tasks.training.reply_renderings import control_ids, reply_renderings
 from tasks.training.rng import step_generator
 from tasks.training.shards import check_same_stamp, check_shared_folder, rank_slice
 from tasks.training.stage_cache import cached_result, write_stamp
-from tasks.training.tokenize_corpus import load_tokens, tokenize_corpus
+from tasks.training.tokenize_corpus import load_codec, load_tokens, tokenize_corpus
 from tasks.training.tracker import RunTracker, tracked
 
 
@@ -71,10 +73,20 @@ def stream_weights(params: Params, config: S2SConfig) -> list[float]:
     return [w.text] * int(config.text_stream) + [w.codebook0] + [w.residual] * (config.n_codebooks - 1)
 
 
+def make_pair(user_codes: np.ndarray, reply_codes: np.ndarray, speaker: int, emotion: int,
+              text: np.ndarray | None, limit: int) -> Pair:
+    """A pair cropped to `limit` frames per turn: the user turn keeps its end (the part the reply
+    answers), the reply its start; the text is fitted to the reply's frames."""
+    user = torch.from_numpy(user_codes.astype("int64"))[:, -limit:]
+    reply = torch.from_numpy(reply_codes.astype("int64"))[:, :limit]
+    if text is not None:
+        text = fit_frames(torch.from_numpy(text.astype("int64")), reply.shape[1])
+    return Pair(user, reply, speaker, emotion, text)
+
+
 def load_pairs(params: Params, tokens_dir: Path, split: str, aligned: AlignResult | None = None) -> list[Pair]:
-    """The split's pairs with their codes, each turn cropped to max_turn_frames (the user turn
-    keeps its end, the part the reply answers; the reply keeps its start), and with `aligned`
-    the reply's character per frame (None for a reply the aligner has no text for)."""
+    """The split's pairs with their codes (see make_pair), and with `aligned` the reply's
+    character per frame (None for a reply the aligner has no text for)."""
     data_dir = params.path(params.paths.data)
     tokens = load_tokens(tokens_dir, split)
     texts = load_alignments(Path(aligned.out_dir), split) if aligned is not None else {}
@@ -84,15 +96,23 @@ def load_pairs(params: Params, tokens_dir: Path, split: str, aligned: AlignResul
         row = json.loads(line)
         if row["split"] != split or row["input_segment"] not in tokens or row["reply_segment"] not in tokens:
             continue
-        user = torch.from_numpy(tokens[row["input_segment"]].astype("int64"))[:, -limit:]
-        reply = torch.from_numpy(tokens[row["reply_segment"]].astype("int64"))[:, :limit]
-        text = texts.get(row["reply_segment"])
-        if text is not None:
-            text = fit_frames(torch.from_numpy(text.astype("int64")), reply.shape[1])
-        pairs.append(Pair(user, reply, row["reply_speaker_id"], row["reply_emotion_id"], text))
+        pairs.append(make_pair(tokens[row["input_segment"]], tokens[row["reply_segment"]], row["reply_speaker_id"],
+                               row["reply_emotion_id"], texts.get(row["reply_segment"]), limit))
     if not pairs:
         raise CorpusError(f"no {split} pairs in {data_dir / 'pairs.jsonl'}: the corpus needs conversations")
     return pairs
+
+
+def rendered_pairs(params: Params, tokens_dir: Path, aligned: AlignResult | None) -> list[Pair]:
+    """The train pairs' replies spoken again in other voices and emotions
+    (tasks/training/reply_renderings.py; s2s_train.reply_renderings per pair, 0: none)."""
+    if params.s2s_train.reply_renderings <= 0:
+        return []
+    codec = load_codec(params.path(params.codec_train.out_dir) / "last.pt")
+    renderings = reply_renderings(params, tokens_dir, Path(aligned.out_dir) if aligned is not None else None, codec)
+    tokens = load_tokens(tokens_dir, "train")
+    return [make_pair(tokens[r.input_segment], r.codes, *control_ids(r), r.text, params.s2s_train.max_turn_frames)
+            for r in renderings if r.input_segment in tokens]
 
 
 def make_batch(pairs: list[Pair], indices: list[int], config: S2SConfig) -> tuple[torch.Tensor, ...]:
@@ -161,7 +181,7 @@ def training_stamp(params: Params, tokens_dir: Path, max_steps: int | None, worl
     and with a text stream the alignments."""
     import core.checkpoints, models.s2s_transformer, tasks.training.device, tasks.training.rng  # noqa: E401
     import tasks.training.shards  # noqa: E401
-    import tasks.training.tokenize_corpus  # noqa: E401
+    import tasks.training.reply_renderings, tasks.training.tokenize_corpus  # noqa: E401
 
     stamp = {"stage": "s2s", **corpus_fingerprint(params), "tokens": json.loads((tokens_dir / "stamp.json").read_text()),
              "s2s": params.s2s.model_dump(mode="json"), "train": params.s2s_train.model_dump(mode="json"),
@@ -221,7 +241,13 @@ def train_s2s(params: Params, resume: bool = False, max_steps: int | None = None
     elif resume:
         raise FileNotFoundError(f"--resume asked for, but there is no checkpoint at {checkpoint_path}")
 
-    train_pairs = load_pairs(params, tokens_dir, "train", aligned)
+    if dist_info.is_main:
+        extra_pairs = rendered_pairs(params, tokens_dir, aligned)  # made once, cached beside the tokens
+    if dist_info.world_size > 1:
+        torch.distributed.barrier()
+    if not dist_info.is_main:
+        extra_pairs = rendered_pairs(params, tokens_dir, aligned)
+    train_pairs = load_pairs(params, tokens_dir, "train", aligned) + extra_pairs
     val_pairs = load_pairs(params, tokens_dir, "val", aligned)
     total = planned_steps(len(train_pairs), cfg.batch_size, dist_info.world_size, cfg.epochs,
                           max_steps if max_steps is not None else cfg.max_steps)
