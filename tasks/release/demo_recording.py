@@ -80,7 +80,7 @@ def record_demo(params: Params, model: str | None = None, overrides: Sequence[st
         record = {
             "recorded_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "model": {"uri": uri, "name": params.registry.model_name if version else None, "version": version,
-                      **{k: v for k, v in (ready.get("model") or {}).items() if k != "uri"}},
+                      "bundle": {k: v for k, v in (ready.get("model") or {}).items() if k != "uri"}},
             "voice": {"speaker": speaker, "emotion": emotion},
             "user_turn": {"source": "first test-split user turn (data/pairs.jsonl), as the latency gate's first",
                           "seconds": round(len(audio) / sample_rate, 3)},
