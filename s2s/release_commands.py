@@ -44,6 +44,33 @@ def signoff_summary(profile: Optional[str] = ProfileOpt, set_: Optional[list[str
     console.print(f"summary written to {path}")
 
 
+@signoff_app.command("demo")
+def signoff_demo(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = SetOpt,
+                 model: Optional[str] = typer.Option(None, help="models:/name@alias, models:/name/N or a bundle folder "
+                                                                  "(default: serving.model, the champion)")) -> None:
+    """Record the demo page through one turn (video, reply audio, figures): artifacts/signoff/demo and MLflow."""
+    from tasks.benchmarks.load_client import LoadTestError
+    from tasks.data.corpus_audio import CorpusError
+    from tasks.release.demo_page import DemoPageError
+    from tasks.release.demo_recording import demo_dir, record_demo
+
+    params = _params(profile, set_)
+    try:
+        record = record_demo(params, model, set_ or [], profile)
+    except (CorpusError, DemoPageError, LoadTestError, RuntimeError) as exc:
+        _fail(str(exc))
+    reply = record["reply_end"]["metrics"]
+    console.print(f"one turn recorded ({record['voice']['speaker']} / {record['voice']['emotion']}): reply "
+                  f"{reply['reply_seconds']:.2f} s, first audio {record['page']['first_audio_ms']:.0f} ms on the page, "
+                  f"text: {record['page']['reply_text']}", soft_wrap=True)
+    console.print(f"written to {demo_dir(params)}/ (demo.webm, reply.wav, demo.json)")
+    if record.get("mlflow"):
+        console.print(f"MLflow artifacts {record['mlflow']['artifact_path']}/ of run {record['mlflow']['run_id']} "
+                      f"(version {record['model']['version']})")
+    else:
+        console.print("not a registered version: no MLflow artifacts")
+
+
 @signoff_app.command("approve")
 def signoff_approve(role: str = typer.Option(..., help="technical_lead | project_manager | business_head"),
                     name: str = typer.Option(..., help="the reviewer's name"),

@@ -5,7 +5,8 @@ the page captures it through its AudioWorklet resampler and streams it to the ap
 loopback with a tiny random model); the server's VAD ends the utterance, the reply streams back
 and the page schedules it for playback. The test checks what the page counted and showed, the
 server's /stats, and that no error frame came back. A screenshot lands in the test's tmp folder
-(and in $S2S_SCREENSHOT_DIR when set).
+(and in $S2S_SCREENSHOT_DIR when set). The browser harness is tasks/release/demo_page.py, which the
+demo recording (`s2s signoff demo`, tests/test_demo_recording.py) drives the same way.
 """
 
 from __future__ import annotations
@@ -18,20 +19,16 @@ import socket
 import threading
 import time
 import urllib.request
-import wave
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from core.config import load_params
 from serving.app import create_app
 from serving.bundle import load_bundle
+from tasks.release.demo_page import MICROPHONE_RATE, DemoPage, chromium_path, write_microphone
 
 from .conftest import REPO, require_tool, speak
-
-CHROMIUM = Path(os.environ.get("S2S_CHROMIUM", "/usr/bin/chromium"))
-CAPTURE_RATE = 48000  # the fake microphone file's rate (Chromium resamples it to its device rate)
 
 
 @pytest.fixture()
@@ -69,16 +66,8 @@ def server(bundle_dir: Path, monkeypatch: pytest.MonkeyPatch):
 def fake_microphone(tmp_path: Path) -> Path:
     """16-bit mono WAV: 0.4 s of silence, a Telugu sentence, 1.5 s of silence (the VAD's cue)."""
     require_tool("espeak-ng", shutil.which("espeak-ng") is not None, "no test speech")
-    speech = speak("నమస్కారం, ఈ రోజు వాతావరణం ఎలా ఉంది?", "female_young", sample_rate=CAPTURE_RATE)
-    speech = 0.7 * speech / max(float(np.abs(speech).max()), 1e-6)
-    audio = np.concatenate([np.zeros(int(0.4 * CAPTURE_RATE)), speech, np.zeros(int(1.5 * CAPTURE_RATE))])
-    path = tmp_path / "fake-mic.wav"
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(CAPTURE_RATE)
-        out.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
-    return path
+    speech = speak("నమస్కారం, ఈ రోజు వాతావరణం ఎలా ఉంది?", "female_young", sample_rate=MICROPHONE_RATE)
+    return write_microphone(tmp_path / "fake-mic.wav", speech, MICROPHONE_RATE)
 
 
 def get_json(url: str) -> dict:
@@ -92,58 +81,43 @@ def test_demo_page_streams_a_spoken_reply(server: str, fake_microphone: Path, tm
     except ImportError:
         sync_api = None
     require_tool("playwright", sync_api is not None, "the dev extras install it")
-    require_tool("Chromium", CHROMIUM.is_file(), f"no browser at {CHROMIUM} (Debian's chromium; or set S2S_CHROMIUM)")
+    require_tool("Chromium", chromium_path().is_file(),
+                 f"no browser at {chromium_path()} (Debian's chromium; or set S2S_CHROMIUM)")
     assert get_json(f"{server}/config")["sample_rate"] == 16000
 
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True,
-            args=["--no-sandbox", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-                  f"--use-file-for-fake-audio-capture={fake_microphone}",
-                  "--autoplay-policy=no-user-gesture-required"])
-        try:
-            page = browser.new_page(viewport={"width": 1100, "height": 1300})
-            page_errors: list[str] = []
-            page.on("pageerror", lambda error: page_errors.append(str(error)))
-            page.goto(f"{server}/")
-            page.wait_for_function("window.s2sDemo && window.s2sDemo.state === 'idle'", timeout=10_000)
-            assert "తెలుగు" in page.title()
-            assert page.locator("#speakers [role=radio]").count() == 4
-            assert page.locator("#emotions [role=radio]").count() == 9
-            assert page.locator("#token-row").is_hidden(), "this server needs no token"
+    with DemoPage(server, fake_microphone) as demo_page:
+        page = demo_page.page
+        demo_page.open()
+        assert "తెలుగు" in page.title()
+        assert page.locator("#speakers [role=radio]").count() == 4
+        assert page.locator("#emotions [role=radio]").count() == 9
+        assert page.locator("#token-row").is_hidden(), "this server needs no token"
 
-            page.click("#speaker-male_mature")
-            page.click("#emotion-happy")
-            assert page.get_attribute("#emotion-happy", "aria-checked") == "true"
-            assert page.get_attribute("#emotion-neutral", "aria-checked") == "false"
-            page.click("#start")
-            page.wait_for_function("window.s2sDemo.session !== null && window.s2sDemo.voice !== null",
-                                   timeout=10_000)
-            assert page.evaluate("window.s2sDemo.voice") == {"speaker": "male_mature", "emotion": "happy"}
+        demo_page.choose("male_mature", "happy")
+        assert page.get_attribute("#emotion-happy", "aria-checked") == "true"
+        assert page.get_attribute("#emotion-neutral", "aria-checked") == "false"
+        demo_page.start()
+        assert page.evaluate("window.s2sDemo.voice") == {"speaker": "male_mature", "emotion": "happy"}
 
-            # speech, silence, the server's VAD ends the turn, the reply streams back
-            page.wait_for_function("window.s2sDemo.repliesDone >= 1", timeout=30_000)
-            page.click("#emotion-empathy")  # mid-session: a voice message, acknowledged
-            page.wait_for_function("window.s2sDemo.voice.emotion === 'empathy'", timeout=5_000)
-            # played means the AudioBufferSourceNodes ended; /stats is polled every 2 s
-            page.wait_for_function("window.s2sDemo.samplesPlayed > 0", timeout=10_000)
-            page.wait_for_function("Number(document.getElementById('stats-replies').textContent) >= 1",
-                                   timeout=5_000)
-            demo = page.evaluate("JSON.parse(JSON.stringify(window.s2sDemo))")
-            stats = get_json(f"{server}/stats")
-            metrics_text = page.inner_text("#metrics")
-            first_audio_text = page.inner_text("#metric-first-audio")
-            page.screenshot(path=str(tmp_path / "demo-page.png"), full_page=True)
-            if os.environ.get("S2S_SCREENSHOT_DIR"):
-                folder = Path(os.environ["S2S_SCREENSHOT_DIR"])
-                folder.mkdir(parents=True, exist_ok=True)
-                shutil.copy(tmp_path / "demo-page.png", folder / "demo-page.png")
-
-            page.click("#stop")
-            page.wait_for_function("window.s2sDemo.state === 'closed'", timeout=5_000)
-            errors_after_stop = page.evaluate("window.s2sDemo.errors")
-        finally:
-            browser.close()
+        # speech, silence, the server's VAD ends the turn, the reply streams back
+        demo_page.wait_reply()
+        page.click("#emotion-empathy")  # mid-session: a voice message, acknowledged
+        page.wait_for_function("window.s2sDemo.voice.emotion === 'empathy'", timeout=5_000)
+        # played means the AudioBufferSourceNodes ended; /stats is polled every 2 s
+        page.wait_for_function("window.s2sDemo.samplesPlayed > 0", timeout=10_000)
+        page.wait_for_function("Number(document.getElementById('stats-replies').textContent) >= 1",
+                               timeout=5_000)
+        demo = demo_page.state()
+        stats = get_json(f"{server}/stats")
+        metrics_text = page.inner_text("#metrics")
+        first_audio_text = page.inner_text("#metric-first-audio")
+        page.screenshot(path=str(tmp_path / "demo-page.png"), full_page=True)
+        if os.environ.get("S2S_SCREENSHOT_DIR"):
+            folder = Path(os.environ["S2S_SCREENSHOT_DIR"])
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copy(tmp_path / "demo-page.png", folder / "demo-page.png")
+        errors_after_stop = demo_page.stop()
+    page_errors = demo_page.page_errors
 
     assert demo["errors"] == [] and errors_after_stop == [], f"error frames: {errors_after_stop}"
     assert page_errors == [], f"uncaught errors in the page: {page_errors}"
@@ -157,3 +131,6 @@ def test_demo_page_streams_a_spoken_reply(server: str, fake_microphone: Path, tm
     assert "Reply length" in metrics_text and re.search(r"\d\.\d\d s", metrics_text), metrics_text
     assert stats["replies_total"] >= 1 and stats["errors_total"] == 0, stats
     assert stats["first_audio_latency_ms"]["count"] >= 1
+    # the harness's own tap saw the same reply the page counted
+    turn = demo_page.tap.turns[0]
+    assert turn.reply_end["metrics"]["frames"] == reply["frames"] == len(turn.frames)

@@ -8,11 +8,13 @@ more than the report does.
 from __future__ import annotations
 
 import datetime as dt
+import os
 from pathlib import Path
 from typing import Any
 
 from core import atomic
 from core.config import Params
+from tasks.release.demo_recording import ARTIFACT_PATH, demo_dir, recorded_demo
 from tasks.release.inference_cost import Capacity, inference_cost, measured_capacity
 from tasks.release.registry import CHAMPION, mlflow_client, version_info
 from tasks.release.signoff import CHECKLIST, _metric, _verdict, approvals, resolve_version
@@ -49,7 +51,27 @@ def risks(rows: list[tuple[str, str, str, str]], capacity: Capacity, target_p95_
     return found or ["None found in the measured figures."]
 
 
-def render_summary(info: dict[str, Any], params: Params, capacity: Capacity, today: str | None = None) -> str:
+def demo_section(record: dict[str, Any] | None, folder: str) -> list[str]:
+    """Links to the version's demo recording (`s2s signoff demo`), `folder` relative to the page."""
+    if record is None:
+        return []
+    reply = record.get("reply_end") or {}
+    seconds = (reply.get("metrics") or {}).get("reply_seconds")
+    first_audio = (record.get("page") or {}).get("first_audio_ms")
+    text = (record.get("page") or {}).get("reply_text") or "-"
+    run = (record.get("mlflow") or {}).get("run_id")
+    return ["", "## Demo", "",
+            f"One turn on the demo page, recorded {record.get('recorded_at', '?')} by `s2s signoff demo` "
+            f"(voice {record['voice']['speaker']} / {record['voice']['emotion']}, a test-split user turn): "
+            f"[the page (video)]({folder}/demo.webm), [the reply as the page received it]({folder}/reply.wav) "
+            f"({'?' if seconds is None else f'{seconds:.2f} s'}, first audio "
+            f"{'?' if first_audio is None else f'{first_audio:.0f} ms'} on the page), "
+            f"[what was measured]({folder}/demo.json). The reply's text on the page: {text}"
+            + (f"; MLflow artifacts `{ARTIFACT_PATH}/` of run `{run}`." if run else ".")]
+
+
+def render_summary(info: dict[str, Any], params: Params, capacity: Capacity, today: str | None = None,
+                   demo: list[str] | None = None) -> str:
     tags, evaluation = info["tags"], info["evaluation"]
     name, version = info["name"], info["version"]
     rows = _targets(info)
@@ -97,6 +119,7 @@ def render_summary(info: dict[str, Any], params: Params, capacity: Capacity, tod
     if tags.get("promoted"):
         lines.append(f"It became `{CHAMPION}` by: {tags['promoted']}.")
     lines += [f"- {role}: {entry['name']} ({entry['at']})" for role, entry in done.items()]
+    lines += demo or []
     return "\n".join(lines) + "\n"
 
 
@@ -111,11 +134,16 @@ def write_summary(params: Params, version: str | None = None, out: Path | None =
         except Exception:  # no champion yet: the candidate's summary
             version = resolve_version(client, name, None)
     info = version_info(client, name, resolve_version(client, name, version))
-    markdown = render_summary(info, params, measured_capacity(params))
+    capacity = measured_capacity(params)
+    demo = recorded_demo(params, name, info["version"])
+    # the recording sits in signoff/demo/ beside the summary, in artifacts/ as in MLflow
+    markdown = render_summary(info, params, capacity, demo=demo_section(demo, "demo"))
     path = params.path(params.paths.artifacts) / "signoff" / f"{name}-v{info['version']}-summary.md"
     atomic.write_text(path, markdown)
     client.log_text(info["run_id"], markdown, f"signoff/executive-summary-v{info['version']}.md")
     if out is not None:
+        folder = os.path.relpath(demo_dir(params), Path(out).resolve().parent)
+        markdown = render_summary(info, params, capacity, demo=demo_section(demo, folder))
         atomic.write_text(out, markdown)
         path = out
     return markdown, path
