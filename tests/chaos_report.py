@@ -1,5 +1,6 @@
 """The fault-injection suite's record: one row per fault, written to docs/reliability.md by
-`s2s chaos` (S2S_CHAOS_REPORT names the file; plain `make test` runs record nothing)."""
+`s2s chaos` (S2S_CHAOS_REPORT names the file; plain `make test` runs record nothing). A run of
+some cases (`s2s chaos -k ...`) replaces their rows and keeps the other rows of the file."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ class ChaosLog:
         record.note = note or record.note
         return record
 
-    def render(self) -> str:
+    def render(self, kept: list[str] = ()) -> str:
         def seconds(values: list[float]) -> str:
             if not values:
                 return "-"
@@ -54,6 +55,7 @@ class ChaosLog:
             "| fault | injected | recovered | artifacts lost | corrupt artifacts read | seconds to recover, median (max) | what was checked |",
             "|---|---|---|---|---|---|---|",
         ]
+        lines += kept
         for r in self.rows.values():
             lines.append(f"| {r.fault} | {r.injected} | {r.recovered} | {r.artifacts_lost} | {r.corrupt_read} | "
                          f"{seconds(r.recover_seconds)} | {r.note} |")
@@ -65,5 +67,11 @@ class ChaosLog:
             return None
         path = Path(target)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.render(), encoding="utf-8")
+        kept = []
+        if path.is_file():  # the rows of cases this run did not run
+            for line in path.read_text(encoding="utf-8").splitlines():
+                cells = line.split(" | ")
+                if line.startswith("| ") and len(cells) > 6 and cells[0][2:] not in self.rows and cells[1] != "injected":
+                    kept.append(line)
+        path.write_text(self.render(kept), encoding="utf-8")
         return path
