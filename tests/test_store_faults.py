@@ -36,7 +36,7 @@ def test_a_version_left_half_registered_by_a_kill_is_finished_not_registered_aga
     assert version.version == "1" and "challenger" in version.aliases
     [only] = client.search_model_versions(f"name = '{name}'")
     assert only.tags["registration"] == "complete" and only.tags["gates_passed"] == "true", only.tags
-    assert client.get_model_version_by_alias(name, "challenger").version == "1"
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == "1"
     again = register_bundle(bundle_dir, params, EVALUATION, {"profile": "smoke"})
     assert again.version == "1" and again.reused
     assert len(client.search_model_versions(f"name = '{name}'")) == 1
