@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
@@ -23,10 +24,23 @@ class TrackingStoreError(RuntimeError):
     """The MLflow store cannot be reached or is locked; the message names it and what to do."""
 
 
+class _LockedNoise(logging.Filter):
+    """MLflow logs each failed SQLite call with its whole traceback (ERROR, mlflow.store.db.utils);
+    call_store retries "database is locked" and reports it in one line, so those records go."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "database is locked" not in record.getMessage()
+
+
+_DB_LOGGER = logging.getLogger("mlflow.store.db.utils")
+
+
 def call_store(store: str, wait_s: float, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """`fn(...)` against the store, retried while SQLite reports it locked (another process in a
     write transaction: a migration, `mlflow gc`, a stuck writer) for `wait_s` seconds, then
     TrackingStoreError naming the store. Any other failure is raised as it is."""
+    if not any(isinstance(f, _LockedNoise) for f in _DB_LOGGER.filters):
+        _DB_LOGGER.addFilter(_LockedNoise())
     deadline, delay = time.monotonic() + wait_s, 0.25
     while True:
         try:
