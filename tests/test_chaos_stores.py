@@ -109,7 +109,7 @@ def _talk(url: str, pcm: bytes, on_first_audio=None) -> str:
 @pytest.mark.chaos
 @pytest.mark.timeout(3600)
 def test_a_replica_killed_mid_reply_behind_the_balancer(bundle_dir: Path, tmp_path: Path, chaos):
-    """`s2s serve-pool` with 2 replicas; the replica holding a session is SIGKILLed when the reply's
+    """`s2s serve-pool start` with 2 replicas; the replica holding a session is SIGKILLed when the reply's
     first audio arrives: that client sees a close (not a hang), sessions opened right after (before
     HAProxy's checks mark it down) are served whole by the other replica, and the pool starts the
     killed one again on its port."""
@@ -128,7 +128,7 @@ def test_a_replica_killed_mid_reply_behind_the_balancer(bundle_dir: Path, tmp_pa
         env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     pcm = (np.clip(speak("నువ్వు ఈ రోజు ఏమి తిన్నావు?"), -1, 1) * 32767).astype("<i2").tobytes()
     url = f"ws://127.0.0.1:{port}/ws"
-    row = chaos.row("a replica of `s2s serve-pool` (2 replicas, HAProxy) killed -9 mid-reply",
+    row = chaos.row("a replica of `s2s serve-pool start` (2 replicas, HAProxy) killed -9 mid-reply",
                     "its client sees a close, not a hang; 2 sessions opened at once after are served whole by the "
                     "other; the pool restarts the killed replica (seconds: kill to its /healthz ok)")
 
