@@ -120,6 +120,7 @@ class MlflowConfig(_Section):
     tracking_uri: str | None
     experiment: str
     system_metrics: bool
+    lock_wait_s: float = 60.0  # a SQLite store locked by another process is retried this long
 
 
 class CostConfig(_Section):

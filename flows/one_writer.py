@@ -14,6 +14,10 @@ import functools
 from typing import Any, Callable, TypeVar
 
 WRITER_LIMIT = "telugu-s2s-writer"
+# The slot is a lease the holder renews (every ~3/4 of it) while it runs. A holder killed with -9
+# renews nothing, and the server frees the slot when the lease ends: with Prefect's default of
+# 300 s a rerun after a kill waits up to 5 min; 60 s still gives a busy machine 45 s to renew.
+WRITER_LEASE_S = 60.0
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -46,7 +50,8 @@ def holds_writer_slot(fn: F) -> F:
             return fn(*args, **kwargs)  # called as a plain function, or a subflow inside its parent's slot
         ensure_writer_limit()
         # A slot whose lease renewal fails once (a server restart) must not kill an hour of training.
-        with concurrency(WRITER_LIMIT, occupy=1, strict=True, raise_on_lease_renewal_failure=False):
+        with concurrency(WRITER_LIMIT, occupy=1, strict=True, lease_duration=WRITER_LEASE_S,
+                         raise_on_lease_renewal_failure=False):
             return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]

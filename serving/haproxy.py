@@ -5,7 +5,10 @@ connections (`balance leastconn`) rather than requests; `timeout tunnel` lets an
 connection stay open as long as a session may (serving.max_session_seconds). Each replica is
 checked on /healthz, which answers 503 while it drains or once its engine thread has died, so
 HAProxy stops sending new sessions there; nothing shuts down the sessions a replica already holds
-(no `on-marked-down shutdown-sessions`), which is what lets a draining replica finish them. The
+(no `on-marked-down shutdown-sessions`), which is what lets a draining replica finish them. A
+replica that died (kill -9, out of memory) is seen by the checks only after `fall` of them (~1 s):
+a new session sent there meanwhile has its refused connection retried on another replica
+(`retries` + `option redispatch`) instead of getting a 503. The
 runtime API (an admin socket) lets the pool put a replica in DRAIN before it is told to stop,
 so not one new session reaches it between the signal and the next health check.
 """
@@ -38,6 +41,8 @@ def haproxy_config(listen_host: str, listen_port: int, servers: dict[str, tuple[
              f"    timeout tunnel {tunnel}s",
              "    timeout http-request 10s",
              "    timeout queue 30s",
+             "    retries 3",
+             "    option redispatch 1",
              "",
              "frontend s2s",
              f"    bind {listen_host}:{listen_port}",

@@ -10,6 +10,8 @@ serving.model, by default models:/telugu-s2s@champion) and HAProxy in front on `
   alias names *now*, and HAProxy routes to it again once /healthz says ok. The other replicas
   take the new sessions meanwhile, so with 2 or more replicas nobody is refused or cut off.
 - SIGTERM/SIGINT: every replica drains, then HAProxy stops.
+- A replica that exits on its own (killed, out of memory) is started again on its port; HAProxy
+  sends new sessions to the others meanwhile (pool.json counts the `restarts`).
 `s2s serve-pool roll` sends the SIGHUP and waits for pool.json to report the roll.
 
 On several machines the same pieces apply with HAProxy's `server` lines naming them
@@ -85,6 +87,7 @@ class ReplicaPool:
     haproxy: str = "haproxy"
     slots: list[Replica] = field(default_factory=list)
     rolls: int = 0
+    restarts: int = 0
     rolling: bool = False
     last_roll: dict[str, Any] | None = None
 
@@ -109,7 +112,8 @@ class ReplicaPool:
     def write_state(self, status: str) -> None:
         atomic.write_json(self.folder / "pool.json", {
             "status": status, "pid": os.getpid(), "url": self.url, "admin_socket": str(self.admin.path),
-            "replicas": [r.state() for r in self.slots], "rolls": self.rolls, "rolling": self.rolling,
+            "replicas": [r.state() for r in self.slots], "rolls": self.rolls, "restarts": self.restarts,
+            "rolling": self.rolling,
             "last_roll": self.last_roll})
 
     # --- replicas -------------------------------------------------------------------------------
@@ -213,6 +217,22 @@ class ReplicaPool:
             self.write_state("ready")
         return self.last_roll
 
+    def revive(self) -> list[str]:
+        """Start again every replica whose process ended without being told to; their names."""
+        revived = []
+        for replica in self.slots:
+            if replica.process is not None and replica.process.poll() is not None:
+                with open(replica.log, "ab") as log:
+                    log.write(f"\n[serve-pool] replica exited with code {replica.process.returncode}: "
+                              "starting it again\n".encode())
+                self._start_replica(replica)
+                self._wait_healthy(replica)
+                self.restarts += 1
+                revived.append(replica.name)
+        if revived:
+            self.write_state("ready")
+        return revived
+
     def stop(self) -> None:
         self.write_state("stopping")
         threads = [threading.Thread(target=self._stop_replica, args=(r,)) for r in self.slots]
@@ -240,6 +260,10 @@ class ReplicaPool:
                     continue
                 if self.haproxy_process.poll() is not None:
                     raise PoolError(f"haproxy exited: {_tail(self.folder / 'haproxy.log')}")
+                try:
+                    self.revive()
+                except PoolError as exc:  # it will be tried again; the other replicas serve meanwhile
+                    print(f"serve-pool: {exc}", file=sys.stderr, flush=True)
                 time.sleep(0.2)
         finally:
             self.stop()

@@ -75,6 +75,17 @@ def prefect_harness():
         yield
 
 
+@pytest.fixture(scope="session")
+def chaos():
+    """The fault-injection suite's record (tests/test_chaos*.py), one for the whole session, so every
+    module's rows land in the one table `s2s chaos` writes (tests/chaos_report.py)."""
+    from .chaos_report import ChaosLog
+
+    log = ChaosLog()
+    yield log
+    log.write_if_asked()
+
+
 def require_tool(name: str, found: bool, why: str) -> None:
     """A test that needs a system tool (espeak-ng, Chromium...): skipped when it is missing on a
     developer's machine, but failed under CI (CI=true), where scripts/setup.sh must have installed

@@ -20,17 +20,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from .chaos_report import ChaosLog
 from .conftest import REPO, TINY, cli_sets, require_tool, speak
 
 RNG = random.Random(int(os.environ.get("S2S_CHAOS_SEED", "17")))
-
-
-@pytest.fixture(scope="module")
-def chaos():
-    log = ChaosLog()
-    yield log
-    log.write_if_asked()
 
 
 def _python(script: str, *args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

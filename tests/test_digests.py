@@ -74,3 +74,49 @@ def test_an_interrupted_caller_stops_the_pinned_child(tmp_path: Path):
     alive = [pid for pid in children if Path(f"/proc/{pid}").exists()
              and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()]
     assert not alive, f"pinned children still running after the caller stopped: {alive}"
+
+
+def _alive(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status")
+    try:
+        return "zombie" not in status.read_text().lower()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("spawned_from", ["main thread", "worker thread"])
+def test_the_pinned_child_ends_when_its_parent_is_killed_with_sigkill(spawned_from: str):
+    """kill -9 of a flow leaves no pinned child behind, idle or busy, whichever thread of the
+    flow's process started it (a task thread that ended since, too)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    if not pinned_numerics.has_avx2():
+        pytest.skip("no AVX2 here: the steps run in place, there is no child")
+    script = (
+        "import os, sys, threading, time\n"
+        "from tasks.data.pinned_numerics import run_pinned\n"
+        "pids = []\n"
+        "start = lambda: pids.append(run_pinned(os.getpid))\n"
+        f"if {spawned_from == 'worker thread'}:\n"
+        "    thread = threading.Thread(target=start); thread.start(); thread.join()  # that thread is gone\n"
+        "else:\n"
+        "    start()\n"
+        "print(pids[0], flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).resolve().parent.parent,
+                               stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    child = int(process.stdout.readline())
+    assert child != process.pid and _alive(child), "the pinned child runs beside its parent"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    deadline = time.monotonic() + 60  # a hang guard; the child watches every 0.5 s
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = _alive(child)
+    if alive:
+        os.kill(child, signal.SIGKILL)
+    assert not alive, f"the pinned child {child} outlived its parent killed with -9"

@@ -18,7 +18,10 @@ import functools
 import multiprocessing
 import os
 import platform
+import signal
+import sys
 import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
@@ -96,6 +99,35 @@ def _environment(extra: dict[str, str]) -> Iterator[None]:
 
 _pool: ProcessPoolExecutor | None = None
 _pool_guard = threading.Lock()
+PARENT_CHECK_S = 0.5
+
+
+def _watch_parent(parent: int, from_main_thread: bool) -> None:
+    """In the child: end it when the process that started it is gone, however that died.
+
+    A ProcessPoolExecutor child only notices its parent's death when the parent shuts it down or
+    its result pipe breaks, so after a `kill -9` of the flow an idle (or busy) child lived on,
+    holding its memory. Linux's PR_SET_PDEATHSIG is the immediate signal, but it fires when the
+    parent *thread* that spawned the child exits (a Prefect task thread may be that one), so it is
+    only armed when the parent's main thread spawned it (`from_main_thread`); a daemon thread that
+    sees getppid() change (the child reparented) covers every case within PARENT_CHECK_S."""
+    if sys.platform == "linux" and from_main_thread:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="watch-parent", daemon=True).start()
 
 
 def _worker() -> ProcessPoolExecutor:
@@ -105,7 +137,9 @@ def _worker() -> ProcessPoolExecutor:
         if _pool is None:
             with _environment(pinned_env()):
                 context = multiprocessing.get_context("spawn")  # a fresh interpreter reads the variables
-                _pool = ProcessPoolExecutor(max_workers=1, mp_context=context)
+                on_main = threading.current_thread() is threading.main_thread()
+                _pool = ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_watch_parent,
+                                            initargs=(os.getpid(), on_main))
                 _pool.submit(int).result()  # start it now, while the variables are set
         return _pool
 

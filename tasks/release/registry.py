@@ -79,10 +79,18 @@ def find_version(client: Any, name: str, sha: str) -> Any | None:
     return max(found, key=lambda v: int(v.version)) if found else None
 
 
+REGISTERED_TAG = "registration"  # "complete" once every tag and alias of a version is set
+
+
 def register_bundle(bundle_dir: Path, params: Params, evaluation: dict[str, Any], tags: dict[str, str],
                     parent_run_id: str | None = None) -> RegisteredVersion:
     """Register a candidate that passed its gates: log the pyfunc model in a `register` run, tag
-    the version, alias it challenger (and champion when the profile auto-promotes)."""
+    the version, alias it challenger (and champion when the profile auto-promotes).
+
+    Safe against a kill at any point (tests/test_chaos.py): the version is created with its
+    bundle_sha tag in one store transaction, so a rerun always finds it and never registers the
+    same weights twice; its other tags and aliases are set after, and a version a kill left
+    without `registration=complete` is finished by the rerun instead of being returned half-tagged."""
     import mlflow
 
     name = params.registry.model_name
@@ -91,7 +99,12 @@ def register_bundle(bundle_dir: Path, params: Params, evaluation: dict[str, Any]
     existing = find_version(client, name, sha)
     if existing is not None:
         current = client.get_model_version(name, existing.version)
-        return RegisteredVersion(name, str(current.version), list(current.aliases or []), current.run_id, reused=True)
+        legacy = REGISTERED_TAG not in current.tags and PROMOTION_TAG in current.tags  # registered before the tag
+        if current.tags.get(REGISTERED_TAG) == "complete" or legacy:
+            return RegisteredVersion(name, str(current.version), list(current.aliases or []), current.run_id,
+                                     reused=True)
+        aliases = _finish_registration(client, params, name, str(current.version), sha, evaluation, tags)
+        return RegisteredVersion(name, str(current.version), aliases, current.run_id, reused=True)
 
     use_experiment(params.root, params.mlflow.tracking_uri, params.mlflow.experiment)
     run_tags = {**tags, "stage": "register", **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
@@ -103,9 +116,15 @@ def register_bundle(bundle_dir: Path, params: Params, evaluation: dict[str, Any]
         info = mlflow.pyfunc.log_model(name="model", python_model=TeluS2SModel(),
                                        artifacts={"bundle": str(bundle_dir)}, code_paths=code,
                                        signature=pyfunc_signature(params, recorded_sampling(read_meta(bundle_dir))),
-                                       pip_requirements=_requirements(),
-                                       registered_model_name=name)
-        version = str(info.registered_model_version)
+                                       pip_requirements=_requirements())
+        version = str(mlflow.register_model(info.model_uri, name, tags={"bundle_sha": sha}).version)
+    aliases = _finish_registration(client, params, name, version, sha, evaluation, tags)
+    return RegisteredVersion(name, version, aliases, run.info.run_id, reused=False)
+
+
+def _finish_registration(client: Any, params: Params, name: str, version: str, sha: str,
+                         evaluation: dict[str, Any], tags: dict[str, str]) -> list[str]:
+    """Tags, description and aliases of a created version (idempotent: a rerun repeats them)."""
     client.update_registered_model(name, description=(
         "Telugu speech-to-speech: TeluCodec + S2S transformer. Aliases: challenger = latest candidate that passed "
         "the gates; champion = signed off (or auto-promoted) and served."))
@@ -122,7 +141,8 @@ def register_bundle(bundle_dir: Path, params: Params, evaluation: dict[str, Any]
     if params.registry.auto_promote and decision.promote:
         promote(client, name, version, f"auto-promote (profile {params.profile}): {decision.reason}")
         aliases.append(CHAMPION)
-    return RegisteredVersion(name, version, aliases, run.info.run_id, reused=False)
+    client.set_model_version_tag(name, version, REGISTERED_TAG, "complete")
+    return aliases
 
 
 def version_description(name: str, version: str, evaluation: dict[str, Any], tags: dict[str, str]) -> str:

@@ -5,19 +5,59 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 from urllib.parse import urlparse
 
 from core import atomic
 from core.tracking import tracking_uri
 
 
+T = TypeVar("T")
+LOCK_WAIT_S = 60.0  # params.yaml mlflow.lock_wait_s
+UNFINISHED = "mlflow-unfinished.json"  # beside metrics.jsonl: a run the store was locked to end
+
+
 class TrackingStoreError(RuntimeError):
     """The MLflow store cannot be reached or is locked; the message names it and what to do."""
 
 
-def use_experiment(root: Path, uri: str | None, experiment: str) -> str:
+class _LockedNoise(logging.Filter):
+    """MLflow logs each failed SQLite call with its whole traceback (ERROR, mlflow.store.db.utils);
+    call_store retries "database is locked" and reports it in one line, so those records go."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "database is locked" not in record.getMessage()
+
+
+_DB_LOGGER = logging.getLogger("mlflow.store.db.utils")
+
+
+def call_store(store: str, wait_s: float, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`fn(...)` against the store, retried while SQLite reports it locked (another process in a
+    write transaction: a migration, `mlflow gc`, a stuck writer) for `wait_s` seconds, then
+    TrackingStoreError naming the store. Any other failure is raised as it is."""
+    if not any(isinstance(f, _LockedNoise) for f in _DB_LOGGER.filters):
+        _DB_LOGGER.addFilter(_LockedNoise())
+    deadline, delay = time.monotonic() + wait_s, 0.25
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if "database is locked" not in str(exc).lower():
+                raise
+            if time.monotonic() >= deadline:
+                raise TrackingStoreError(
+                    f"the MLflow store {store} cannot be used: it is locked by another process (waited {wait_s:g} s, "
+                    "mlflow.lock_wait_s). Wait for the process that locks it, point MLFLOW_TRACKING_URI elsewhere, "
+                    "or train with --no-mlflow") from exc
+            time.sleep(delay)
+            delay = min(2 * delay, 2.0)
+
+
+def use_experiment(root: Path, uri: str | None, experiment: str, lock_wait_s: float = LOCK_WAIT_S) -> str:
     """Point MLflow at the store and the experiment, creating it where missing.
 
     The embedded store (SQLite under mlflow/) keeps artifacts beside it in mlflow/artifacts. Any
@@ -34,7 +74,9 @@ def use_experiment(root: Path, uri: str | None, experiment: str) -> str:
     store = tracking_uri(root, uri)
     mlflow.set_tracking_uri(store)
     try:
-        found = mlflow.get_experiment_by_name(experiment)
+        found = call_store(store, lock_wait_s, mlflow.get_experiment_by_name, experiment)
+    except TrackingStoreError:
+        raise
     except Exception as exc:  # MlflowException, requests' ConnectionError, sqlalchemy's OperationalError
         cause = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise TrackingStoreError(f"the MLflow store {store} cannot be used: {cause}. Start it (or wait for the "
@@ -78,7 +120,8 @@ class RunTracker:
 
     def __init__(self, main: bool, use_mlflow: bool, root: Path, uri: str | None, experiment: str, run_name: str,
                  metrics_path: Path, resume_step: int, system_metrics: bool, run_id: str | None = None,
-                 parent_run_id: str | None = None, progress_path: Path | None = None) -> None:
+                 parent_run_id: str | None = None, progress_path: Path | None = None,
+                 lock_wait_s: float = LOCK_WAIT_S) -> None:
         self.main = main
         self.enabled = main and use_mlflow  # MLflow on the main rank only
         self.metrics_path = metrics_path
@@ -98,11 +141,28 @@ class RunTracker:
         import mlflow
 
         self.mlflow = mlflow
-        use_experiment(root, uri, experiment)
+        self.store, self.lock_wait_s = tracking_uri(root, uri), lock_wait_s
+        use_experiment(root, uri, experiment, lock_wait_s)
+        self._end_unfinished()
         tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id and not run_id else None
-        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=tags,
-                               log_system_metrics=system_metrics, nested=mlflow.active_run() is not None)
+        run = self._call(mlflow.start_run, run_id=run_id, run_name=None if run_id else run_name, tags=tags,
+                         log_system_metrics=system_metrics, nested=mlflow.active_run() is not None)
         self.run_id = run.info.run_id
+
+    def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return call_store(self.store, self.lock_wait_s, fn, *args, **kwargs)
+
+    def _end_unfinished(self) -> None:
+        """End the run an earlier process could not (the store was locked when it failed)."""
+        pending = self.metrics_path.parent / UNFINISHED
+        if not pending.is_file():
+            return
+        left = json.loads(pending.read_text())
+        if left.get("store") == self.store:
+            from mlflow import MlflowClient
+
+            self._call(MlflowClient(tracking_uri=self.store).set_terminated, left["run_id"], left["status"])
+        pending.unlink()
 
     @classmethod
     def for_training(cls, params: Any, stage: str, out_dir: Path, is_main: bool, use_mlflow: bool,
@@ -112,21 +172,21 @@ class RunTracker:
         progress = params.path(params.paths.artifacts) / "metrics" / f"training-{stage}.prom"
         return cls(is_main, use_mlflow, params.root, params.mlflow.tracking_uri, params.mlflow.experiment, stage,
                    out_dir / "metrics.jsonl", resume_step, params.mlflow.system_metrics, run_id, parent_run_id,
-                   progress)
+                   progress, params.mlflow.lock_wait_s)
 
     def log_params(self, params: dict[str, Any]) -> None:
         if self.enabled:
-            self.mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+            self._call(self.mlflow.log_params, {k: str(v)[:500] for k, v in params.items()})
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.enabled:
-            self.mlflow.set_tags(tags)
+            self._call(self.mlflow.set_tags, tags)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.main:
             return
         if self.enabled:
-            self.mlflow.log_metrics(metrics, step=step)
+            self._call(self.mlflow.log_metrics, metrics, step=step)
         with open(self.metrics_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.progress is not None:
@@ -134,13 +194,24 @@ class RunTracker:
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         if self.enabled:
-            self.mlflow.log_artifact(str(path), artifact_path=folder)
+            self._call(self.mlflow.log_artifact, str(path), artifact_path=folder)
 
     def finish(self, status: str = "FINISHED") -> None:
         if self.progress is not None:
             self.progress.write(None, running=False)
-        if self.enabled:
-            self.mlflow.end_run(status=status)
+        if not self.enabled:
+            return
+        from mlflow import MlflowClient
+
+        try:  # mlflow.end_run forgets the run before it writes, so a retried one would end nothing
+            self._call(MlflowClient(tracking_uri=self.store).set_terminated, self.run_id, status)
+            self._call(self.mlflow.end_run, status=status)  # the active-run stack, the system-metrics thread
+        except TrackingStoreError:
+            # the store stayed locked: the next tracker on this folder ends the run (_end_unfinished)
+            atomic.write_json(self.metrics_path.parent / UNFINISHED,
+                              {"run_id": self.run_id, "status": status, "store": self.store})
+            if status == "FINISHED":
+                raise
 
 
 class TrainingProgress:
