@@ -59,12 +59,6 @@ from torch.nn import functional as F
 from models.delay_step import TEXT_PAD, DelayState, DelayStepper
 
 ABSENT_LOGIT = -1e4  # the logit of an id a stream's vocabulary does not have (see S2STransformer._heads)
-# step_rows attends row by row, each row over its own positions only, when a batched call would
-# read more than this many unused cached positions per row on average (the batch reads every row
-# up to the longest row's position). A batched step at 100 rows is bound by reading the cache
-# (~0.8 us of CPU per row-position for the 4 layers of the smoke model), one call per row costs
-# ~90 us per row more: row by row pays beyond ~110 wasted positions a row (docs/history.md).
-ROW_BY_ROW_WASTE = 128
 
 try:  # an optional GPU kernel: the CPU path (torch SDPA) never needs it
     from flash_attn import flash_attn_func
@@ -410,24 +404,17 @@ class CausalSelfAttention(nn.Module):
 
 
     def step_rows(self, x: Tensor, cos: Tensor, sin: Tensor, cache: SlotCache, layer: int, rows: slice,
-                  positions: Tensor, mask: Tensor | None, lengths: list[int] | None = None) -> Tensor:
-        """One new token for each row of `rows` (each at its own position): x (n, 1, d_model).
-        With `mask` (n, 1, 1, span) the rows attend in one call over the first span positions;
-        with `lengths` instead, row by row, each over its own first lengths[i] positions."""
+                  positions: Tensor, mask: Tensor) -> Tensor:
+        """One new token for each row of `rows` (each at its own position): x (n, 1, d_model)."""
         batch = x.shape[0]
         q, k, v = self.qkv(x).view(batch, 1, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         index = torch.arange(rows.start, rows.stop, device=x.device)
         cache.keys[layer][index, :, positions] = k[:, :, 0].to(cache.keys[layer].dtype)
         cache.values[layer][index, :, positions] = v[:, :, 0].to(cache.values[layer].dtype)
-        if lengths is not None:
-            keys, values = cache.keys[layer][rows], cache.values[layer][rows]
-            y = torch.stack([F.scaled_dot_product_attention(q[i], keys[i, :, :n], values[i, :, :n])
-                             for i, n in enumerate(lengths)])
-        else:
-            span = mask.shape[-1]
-            keys, values = cache.keys[layer][rows, :, :span], cache.values[layer][rows, :, :span]
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        span = mask.shape[-1]
+        keys, values = cache.keys[layer][rows, :, :span], cache.values[layer][rows, :, :span]
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(batch, 1, -1))
 
 
@@ -455,8 +442,8 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.norm2(x)))
 
     def step_rows(self, x: Tensor, cos: Tensor, sin: Tensor, cache: SlotCache, layer: int, rows: slice,
-                  positions: Tensor, mask: Tensor | None, lengths: list[int] | None = None) -> Tensor:
-        x = x + self.attn.step_rows(self.norm1(x), cos, sin, cache, layer, rows, positions, mask, lengths)
+                  positions: Tensor, mask: Tensor) -> Tensor:
+        x = x + self.attn.step_rows(self.norm1(x), cos, sin, cache, layer, rows, positions, mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -533,30 +520,20 @@ class S2STransformer(nn.Module):
         cache.condition[row] = self.condition(speaker, emotion)[0].to(cache.condition.dtype)
         return hidden
 
-    def step_rows(self, cache: SlotCache, rows: slice, tokens: Tensor, row_by_row_waste: int = ROW_BY_ROW_WASTE
-                  ) -> Tensor:
+    def step_rows(self, cache: SlotCache, rows: slice, tokens: Tensor) -> Tensor:
         """Append one column of tokens (n, S, 1) to each row of `rows`, each at its own position;
-        returns the new hidden states (n, 1, d_model). Equals `forward` with a KVCache per row.
-
-        Attention reads each row's cached keys and values up to its position: in one call up to
-        the longest row's (the shorter rows masked), or row by row when that would read more than
-        `row_by_row_waste` unused positions per row on average (ROW_BY_ROW_WASTE). The same
-        numbers either way; the cache traffic is what a step at many rows costs."""
+        returns the new hidden states (n, 1, d_model). Equals `forward` with a KVCache per row."""
         positions = cache.lengths[rows]
-        span = int(positions.max()) + 1
-        if span > cache.capacity:
+        if int(positions.max()) >= cache.capacity:
             raise ValueError(f"a row reached the cache capacity of {cache.capacity} positions")
         x = self._embed(tokens)
         if self.config.conditioning == "every_step":
             x = x + cache.condition[rows][:, None].to(x.dtype)
         cos, sin = self.rope_cos[positions][:, None, None], self.rope_sin[positions][:, None, None]
-        lengths: list[int] | None = (positions + 1).tolist()
-        mask = None
-        if span - sum(lengths) / len(lengths) <= row_by_row_waste:
-            lengths = None
-            mask = (torch.arange(span, device=x.device)[None] <= positions[:, None])[:, None, None]
+        span = int(positions.max()) + 1
+        mask = (torch.arange(span, device=x.device)[None] <= positions[:, None])[:, None, None]
         for layer, block in enumerate(self.blocks):
-            x = block.step_rows(x, cos, sin, cache, layer, rows, positions, mask, lengths)
+            x = block.step_rows(x, cos, sin, cache, layer, rows, positions, mask)
         cache.lengths[rows] += 1
         return self.norm(x)
 

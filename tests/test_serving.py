@@ -71,32 +71,6 @@ def test_slot_rows_move_without_changing_their_continuation(one_thread, conditio
     assert torch.allclose(moved, reference[2:3], atol=1e-5) and len(hidden) == 3
 
 
-def test_rows_far_apart_attend_row_by_row_with_the_same_numbers(one_thread):
-    """Rows at positions 5..40: one batched call over the longest row's span (the shorter rows
-    masked) and one call per row over its own positions give the same hidden states, and each
-    row equals the row stepped alone."""
-    from models.s2s_transformer import S2SConfig, S2STransformer
-
-    torch.manual_seed(0)
-    model = S2STransformer(S2SConfig(n_codebooks=2, codebook_size=16, d_model=16, n_layers=2, n_heads=2,
-                                     max_len=64)).eval()
-    cache = model.init_slots(4)
-    for row, frames in enumerate((30, 1, 12, 3)):
-        model.prefill_row(cache, row, torch.randint(16, (1, 2, frames)), torch.tensor([row]), torch.tensor([row]))
-    tokens = torch.randint(16, (4, 2, 1))
-    lengths = cache.lengths.clone()
-    outputs = {}
-    with torch.inference_mode():
-        for name, waste in (("batched", 10**6), ("row by row", 0)):
-            cache.lengths.copy_(lengths)  # the same step again: it overwrites the same cache positions
-            outputs[name] = model.step_rows(cache, slice(0, 4), tokens, row_by_row_waste=waste)
-        cache.lengths.copy_(lengths)
-        alone = torch.cat([model.step_rows(cache, slice(row, row + 1), tokens[row: row + 1]) for row in range(4)])
-    assert torch.allclose(outputs["batched"], outputs["row by row"], atol=1e-5)
-    assert torch.allclose(outputs["row by row"], alone, atol=1e-5)
-    assert torch.equal(cache.lengths, lengths + 1)
-
-
 def pcm16(audio: np.ndarray) -> bytes:
     return (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
 
