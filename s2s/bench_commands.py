@@ -59,18 +59,22 @@ def bench_engine_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[st
                      model: Optional[str] = typer.Option(None, help="model (default: serving.model)"),
                      sessions: int = typer.Option(100, min=1, help="sessions replying (and as many talking)"),
                      ticks: int = typer.Option(20, min=4, help="ticks measured per setup"),
-                     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures here")) -> None:
+                     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures here"),
+                     by_op: int = typer.Option(0, min=0, help="also profile the baseline by operator (torch.profiler): "
+                                                              "this many with the most CPU time"),
+                     only_baseline: bool = typer.Option(False, help="the baseline setup only (no levers)")) -> None:
     """One engine tick at N sessions by part (encode, S2S step, decode, other), for each lever in turn."""
     from serving.bundle import BundleError
     from serving.server import load_model
-    from tasks.benchmarks.engine_profile import profile_engine
+    from tasks.benchmarks.engine_profile import SETUPS, profile_engine
 
     params = _params(profile, set_)
     try:
         bundle, _ = load_model(params, model)
     except BundleError as exc:
         _fail(str(exc))
-    report = profile_engine(bundle, sessions, ticks, _engine_utterances(params))
+    report = profile_engine(bundle, sessions, ticks, _engine_utterances(params),
+                            SETUPS[:1] if only_baseline else SETUPS, by_op)
     table = Table(title=f"one engine tick at {sessions} sessions (CPU ms; wall ms last)")
     for column in ("setup", "encode", "step", "decode", "other", "total", "/ baseline", "x real time", "wall"):
         table.add_column(column, justify="left" if column == "setup" else "right")
@@ -78,6 +82,14 @@ def bench_engine_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[st
         table.add_row(r["setup"], *(f"{r[k]:.1f}" for k in ("encode", "step", "decode", "other", "total")),
                       f"{r['ratio']:.2f}", f"{r['x_real_time']:.2f}", f"{r['wall_ms']:.1f}")
     console.print(table)
+    if by_op:
+        ops = Table(title=f"baseline by operator (self CPU ms per tick, under the profiler; rows at positions "
+                          f"{report['setups'][0]['positions']})")
+        for column in ("operator", "ms", "calls"):
+            ops.add_column(column, justify="left" if column == "operator" else "right")
+        for op in report["ops"]:
+            ops.add_row(op["op"], f"{op['self_ms']:.2f}", f"{op['calls']:g}")
+        console.print(ops)
     if json_out:
         from core import atomic
 

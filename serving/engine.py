@@ -84,18 +84,39 @@ def map_state(fn: Callable[..., Any], *states: Any) -> Any:
     raise TypeError(f"cannot map over a state of type {type(first).__name__}")
 
 
+def as_slice(index: torch.Tensor) -> slice | None:
+    """`index` as a slice when it is a run of consecutive rows (the usual case: every live row
+    completed a frame, or sessions opened one after another), else None."""
+    n = len(index)
+    if n == 0:
+        return None
+    first = int(index[0])
+    if int(index[-1]) - first + 1 != n or (n > 1 and not bool((index.diff() == 1).all())):
+        return None
+    return slice(first, first + n)
+
+
 class RowStates:
     """Streaming states of many conversations as one batch of rows: a step gathers the rows it
     needs (index_select), runs, and writes them back (index_copy_), a fixed number of tensor ops
-    whatever the number of sessions."""
+    whatever the number of sessions. A run of consecutive rows is read in place (a view) and
+    written back with one copy: the same numbers without the gather's copy (at 100 rows of the v2
+    decoder's state, 1.0 ms of CPU down to 0.1 ms; docs/history.md)."""
 
     def __init__(self, state: Any) -> None:
         self.state = state  # every tensor is (rows, ...)
 
     def gather(self, index: torch.Tensor) -> Any:
+        rows = as_slice(index)
+        if rows is not None:  # a view: the codec's step builds its new state in new tensors
+            return map_state(lambda t: t[rows], self.state)
         return map_state(lambda t: t.index_select(0, index), self.state)
 
     def scatter(self, index: torch.Tensor, part: Any) -> None:
+        rows = as_slice(index)
+        if rows is not None:
+            map_state(lambda t, p: t[rows].copy_(p), self.state, part)
+            return
         map_state(lambda t, p: t.index_copy_(0, index, p), self.state, part)
 
     def reset(self, row: int) -> None:
@@ -519,4 +540,4 @@ class Engine:
         self.live -= 1
 
 
-__all__ = ["Engine", "ReplyEvent", "RowStates", "SessionError", "map_state"]
+__all__ = ["Engine", "ReplyEvent", "RowStates", "SessionError", "as_slice", "map_state"]

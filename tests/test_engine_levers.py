@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from serving.bundle import load_bundle
-from serving.engine import Engine, ReplyEvent
+from serving.engine import Engine, ReplyEvent, RowStates, as_slice
 from serving.precision import with_precision
 from serving.schedule import due_slices
 from serving.session import GenerationSettings, ReplySession
@@ -135,13 +135,36 @@ def test_int8_keeps_the_encoder_and_quantizes_the_linear_layers(bundle_dir: Path
 def test_engine_profile_measures_each_setup(bundle_dir: Path, one_thread):
     bundle = load_bundle(bundle_dir)
     report = profile_engine(bundle, sessions=3, ticks=4, utterances=[speak("అవును.")],
-                            setups=(Setup("baseline"), Setup("4 hops", encode_hops=4), Setup("int8", precision="int8")))
+                            setups=(Setup("baseline"), Setup("4 hops", encode_hops=4), Setup("int8", precision="int8")),
+                            by_op=5)
     rows = report["setups"]
     assert [r["setup"] for r in rows] == ["baseline", "4 hops", "int8"] and rows[0]["ratio"] == 1.0
     for r in rows:
         assert r["rows_stepped_mean"] == 3 and r["total"] >= r["step"] > 0 and r["encode"] > 0 and r["decode"] > 0
+        assert 0 < r["positions"][0] <= r["positions"][1]
+    ops = report["ops"]  # the baseline by operator: the five with the most CPU time of their own
+    assert len(ops) == 5 and all(op["op"] and op["calls"] > 0 for op in ops)
+    assert [op["self_ms"] for op in ops] == sorted((op["self_ms"] for op in ops), reverse=True)
     text = engine_profile_markdown(report, "s2s bench engine")
     assert "## One engine tick at 3 sessions, by part" in text and "| baseline |" in text
+
+
+@pytest.mark.parametrize("rows", [[2, 3, 4], [5], [1, 3, 4], [4, 2, 3]])
+def test_row_states_read_a_run_of_rows_in_place_with_the_same_numbers(rows: list[int]):
+    torch.manual_seed(0)
+    state = [torch.randn(6, 3, 2), [torch.randn(6, 4)]]
+    states, reference = RowStates([state[0].clone(), [state[1][0].clone()]]), state
+    index = torch.tensor(rows)
+    assert (as_slice(index) is not None) == (rows in ([2, 3, 4], [5]))
+    part = states.gather(index)
+    assert torch.equal(part[0], reference[0][index]) and torch.equal(part[1][0], reference[1][0][index])
+    states.scatter(index, part)  # a state a step hands back unchanged (a conv that keeps no past)
+    assert torch.equal(states.state[0], reference[0]) and torch.equal(states.state[1][0], reference[1][0])
+    new = [part[0] * 2 + 1, [part[1][0] - 3]]  # a step's new state, in new tensors
+    states.scatter(index, new)
+    expected = [reference[0].index_copy(0, index, new[0]), reference[1][0].index_copy(0, index, new[1][0])]
+    assert torch.equal(states.state[0], expected[0]) and torch.equal(states.state[1][0], expected[1])
+    assert as_slice(torch.tensor([], dtype=torch.long)) is None
 
 
 def test_playback_gaps():

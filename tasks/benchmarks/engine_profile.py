@@ -16,6 +16,7 @@ tick is reported beside it and is what a quiet machine's latency follows.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,8 +49,11 @@ def _ignore(event: ReplyEvent) -> None:
 
 
 def profile_setup(bundle: ModelBundle, setup: Setup, sessions: int, ticks: int, utterances: list[np.ndarray],
-                  warmup_ticks: int = 4) -> dict[str, Any]:
-    """Mean ms per tick by part, with `sessions` replying and `sessions` talking, over `ticks` ticks."""
+                  warmup_ticks: int = 4, by_op: int = 0) -> dict[str, Any]:
+    """Mean ms per tick by part, with `sessions` replying and `sessions` talking, over `ticks` ticks.
+    `by_op` > 0: the measured ticks also run under torch.profiler and the row gets `ops`, the
+    `by_op` operators with the most CPU time of their own (the profiler's cost inflates the part
+    figures of that run: take those from a run without it)."""
     hop = bundle.codec.hop_length
     seconds = (ticks + warmup_ticks + 2 * bundle.s2s.config.n_streams + 8) * hop / bundle.sample_rate
     settings = GenerationSettings(max_reply_seconds=seconds, min_reply_seconds=seconds)  # no reply ends early
@@ -82,9 +86,12 @@ def profile_setup(bundle: ModelBundle, setup: Setup, sessions: int, ticks: int, 
                 talk_tick()
             engine.profile.reset()
             stepped = len(engine.batch_sizes)
+            positions = engine.cache.lengths[: engine.live]
+            span = [int(positions.min()), int(positions.max())] if engine.live else [0, 0]
             began = time.perf_counter()
-            for _ in range(ticks):
-                talk_tick()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if by_op else nullcontext() as prof:
+                for _ in range(ticks):
+                    talk_tick()
             wall = time.perf_counter() - began
     finally:
         torch.set_num_threads(previous)
@@ -93,12 +100,21 @@ def profile_setup(bundle: ModelBundle, setup: Setup, sessions: int, ticks: int, 
     return {"setup": setup.name, "threads": setup.threads, "encode_hops": setup.encode_hops,
             "precision": setup.precision, **{k: round(v, 2) for k, v in figures.items()},
             "wall_ms": round(wall * 1000 / ticks, 2), "rows_stepped_mean": float(np.mean(rows)) if rows else 0.0,
-            "x_real_time": round(FRAME_MS / figures["total"], 3) if figures["total"] else None}
+            "x_real_time": round(FRAME_MS / figures["total"], 3) if figures["total"] else None,
+            "positions": span, **({"ops": top_ops(prof, ticks, by_op)} if by_op else {})}
+
+
+def top_ops(prof: torch.profiler.profile, ticks: int, count: int) -> list[dict[str, Any]]:
+    """The `count` operators with the most self CPU time, in ms and calls per tick."""
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:count]
+    return [{"op": e.key, "self_ms": round(e.self_cpu_time_total / 1000 / ticks, 2),
+             "calls": round(e.count / ticks, 1)} for e in events]
 
 
 def profile_engine(bundle: ModelBundle, sessions: int = 100, ticks: int = 20, utterances: list[np.ndarray] | None = None,
-                   setups: tuple[Setup, ...] = SETUPS) -> dict[str, Any]:
-    """Every setup in turn; each row gets `ratio`: its total / the first setup's (the baseline)."""
+                   setups: tuple[Setup, ...] = SETUPS, by_op: int = 0) -> dict[str, Any]:
+    """Every setup in turn; each row gets `ratio`: its total / the first setup's (the baseline).
+    `by_op` > 0: one more run of the first setup under torch.profiler, its top operators as `ops`."""
     if utterances is None:
         rng = np.random.default_rng(0)
         utterances = [(0.1 * rng.standard_normal(bundle.sample_rate)).astype(np.float32)]
@@ -106,7 +122,10 @@ def profile_engine(bundle: ModelBundle, sessions: int = 100, ticks: int = 20, ut
     base = rows[0]["total"]
     for row in rows:
         row["ratio"] = round(row["total"] / base, 3) if base else None
-    return {"sessions": sessions, "ticks": ticks, "setups": rows}
+    report: dict[str, Any] = {"sessions": sessions, "ticks": ticks, "setups": rows}
+    if by_op:
+        report["ops"] = profile_setup(bundle, setups[0], sessions, ticks, utterances, by_op=by_op)["ops"]
+    return report
 
 
 def engine_profile_markdown(report: dict[str, Any], command: str) -> str:
