@@ -197,7 +197,9 @@ def loadtest_command(
     think_median: float = typer.Option(1.5, help="conversational profile: median think time (s, log-normal)"),
     think_sigma: float = typer.Option(0.6, help="conversational profile: sigma of the think time's log"),
     seed: int = typer.Option(0, help="seed of the think times"),
-    playback_buffer_ms: float = typer.Option(0.0, help="jitter buffer of the player whose gaps are counted"),
+    playback_buffer_ms: float = typer.Option(50.0, help="jitter buffer of the player whose gaps are counted "
+                                             "(50: the demo page starts a reply 50 ms after its first "
+                                             "frame, PLAYBACK_LEAD_S in serving/static/app.js)"),
     capacity_probes: int = typer.Option(4, min=0, help="runs of the capacity search (0: no search)"),
     capacity_turns: int = typer.Option(2, min=1, help="turns per session of each capacity probe"),
     compare_levers: int = typer.Option(100, min=0, help="also run this many sessions with the engine's levers off "
