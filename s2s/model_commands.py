@@ -52,19 +52,16 @@ def print_candidate(result: dict) -> None:
 
 
 def print_quality(quality: dict, title: str = "Quality (tasks/evaluation/model_quality.py)") -> None:
-    """MOS, CER, emotion and speaker figures of corpus audio, codec round trip and replies."""
-    from tasks.evaluation.model_quality import table_rows
+    """MOS, CER, emotion and speaker figures of each audio set (corpus, round trip, replies, renderings)."""
+    from tasks.evaluation.model_quality import SET_TITLES, table_rows, working_sentence
 
     table = Table(title=title)
-    for column in ("figure", "corpus audio (ceiling)", "codec round trip", "generated replies"):
+    for column in ("figure", *SET_TITLES):
         table.add_column(column)
     for row in table_rows(quality):
         table.add_row(*row)
     console.print(table)
-    replies = quality["sets"].get("replies", {})
-    console.print(f"emotions working: {int(replies.get('emotions_working', 0))}/9, speakers working: "
-                  f"{int(replies.get('speakers_working', 0))}/4 (recall and precision >= {quality['working_share']:.0%} "
-                  "in the replies)", soft_wrap=True)
+    console.print(working_sentence(quality), soft_wrap=True)
 
 
 def print_links(links: dict) -> None:

@@ -4,6 +4,7 @@ quality section: fast checks on known cases."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,17 @@ from core.labels import EMOTIONS, SPEAKERS
 from tasks.data.sources import Source, SourcesError
 from tasks.data.transcripts import attach_text, segment_text
 from tasks.evaluation.gates import quality_gate
-from tasks.evaluation.model_quality import (Clip, Judges, confusion, judge, per_label_recall, quality_markdown,
-                                           working_labels)
+from tasks.evaluation.model_quality import (
+    Clip,
+    Judges,
+    confusion,
+    judge,
+    per_label_recall,
+    quality_markdown,
+    working_labels,
+)
 from tasks.release.signoff import render_report
+from tests.conftest import REPO, require_tool
 
 TURNS = [{"start": 1.0, "end": 3.0, "text": "మొదటి"}, {"start": 3.5, "end": 5.0, "text": "రెండవ"},
          {"start": 8.0, "end": 12.0, "text": "మూడవ"}]
@@ -103,13 +112,13 @@ def test_the_signoff_report_shows_each_quality_item_with_its_ceiling_verdict_and
     text = render_report(info, ["technical_lead"])
     assert "| MOS > 4.0 | >= 4 | 1.6 | ❌ misses |" in text
     assert "| Emotion recognition > 85% | >= 0.85 | 0.5 | ❌ misses |" in text
-    assert "| DNSMOS P.808 | 1.60 | 3.20 | 2.50 |" in text  # replies, ceiling, round trip
+    assert "| DNSMOS P.808 | 1.60 | 3.20 | — | 2.50 |" in text  # replies, ceilings (corpus, renderings), round trip
     # a model without a text stream: no intelligibility for its replies; appropriateness is the CER vs the corpus
-    assert "| Telugu accuracy (1 - CER; replies: against their own text) | — | 92.0% | 60.0% |" in text
-    assert "| reply appropriateness (1 - CER against the corpus reply) | 5.0% | — | — |" in text
+    assert "| Telugu accuracy (1 - CER; replies: against their own text) | — | 92.0% | — | 60.0% |" in text
+    assert "| reply appropriateness (1 - CER against the corpus reply) | 5.0% | — | — | — |" in text
     assert "| Telugu accuracy > 90% | >= 0.9 | — | — not measured |" in text
-    assert "| neutral | 4 | 75% | 50% | ✅ yes |" in text and "| happy | 4 | 25% | 50% | ❌ no |" in text
-    assert "| laugh | 0 | — | — | — not measured |" in text
+    assert "| neutral | 4 | 75% | 50% | ✅ yes | — |" in text and "| happy | 4 | 25% | 50% | ❌ no | — |" in text
+    assert "| laugh | 0 | — | — | — not measured | — |" in text
     assert "`run-quality`" in text and "`run-asr`" in text
     assert "not measured yet" not in text
     bare = render_report({**info, "evaluation": {"metrics": {}, "gates": {}}}, ["technical_lead"])
@@ -144,3 +153,52 @@ def test_intelligibility_is_the_cer_against_what_the_reply_says_it_spoke():
     text = quality_markdown(report)
     assert "| CER (Telugu code points) | 0.080 | 0.400 | 0.250 |" in text
     assert "| appropriateness: CER against the corpus's reply | — | — | 0.950 |" in text
+
+
+def test_the_renderings_ceiling_shows_beside_the_replies_in_both_reports():
+    """The judges' ceiling (espeak-ng renderings in every control): per label in the sign-off
+    report, and beside the replies' count in the quality report."""
+    report = _report()
+    ceiling = [[0] * len(EMOTIONS) for _ in EMOTIONS]
+    ceiling[0][0], ceiling[1][1] = 4, 3  # the judge recognises neutral and happy when they are spoken right
+    ceiling[1][0] = 1
+    report["sets"]["rendered"] = {"dnsmos_p808": 3.0, "intelligibility": 0.9, "telugu_accuracy": 0.9,
+                                  "emotion_control": 0.875, "speaker_control": 1.0, "emotions_working": 2.0,
+                                  "speakers_working": 1.0}
+    report["confusion"]["rendered"] = {"emotion": ceiling, "speaker": report["confusion"]["replies"]["speaker"]}
+    info = {"name": "telugu-s2s", "version": "3", "aliases": [], "run_id": "run-reg", "tags": {"profile": "smoke"},
+            "evaluation": {"metrics": {}, "gates": {}, "quality": report, "runs": {}}}
+    text = render_report(info, ["technical_lead"])
+    assert "| DNSMOS P.808 | 1.60 | 3.20 | 3.00 | 2.50 |" in text
+    assert "| reply appropriateness (1 - CER against the corpus reply) | 5.0% | — | — | — |" in text
+    assert "| happy | 4 | 25% | 50% | ❌ no | yes |" in text and "| laugh | 0 | — | — | — not measured | no |" in text
+    markdown = quality_markdown(report)
+    assert "Emotions working: 1/9; speakers working: 1/4 (the judges' ceiling, espeak-ng renderings" in markdown
+    assert ": 2/9 and 1/4)" in markdown and "Renderings (the judges' ceiling): requested emotion" in markdown
+
+
+def test_a_reply_is_rendered_in_each_control_at_the_corpus_level():
+    """render_controls speaks the sentence (without the corpus reply's own interjection) in each
+    control with that control's interjection, at -23 LUFS like the data flow's output, repeatably."""
+    import numpy as np
+    import torch
+    import torchaudio.functional as AF
+
+    from core.config import load_params
+    from tasks.data.synth_corpus import PROSODY
+    from tasks.evaluation.rendered_ceiling import render_controls
+
+    require_tool("espeak-ng", shutil.which("espeak-ng") is not None, "no speech to render")
+    params = load_params("smoke", root=REPO)
+    laugh = PROSODY["laugh"].interjection
+    controls = [("male_young", "neutral"), ("female_young", "laugh")]
+    first = render_controls(params, f"{laugh} నమస్కారం మీరు ఎలా ఉన్నారు", controls, seed=3)
+    assert [said for _, said in first] == ["నమస్కారం మీరు ఎలా ఉన్నారు", f"{laugh} నమస్కారం మీరు ఎలా ఉన్నారు"]
+    for audio, _ in first:
+        assert audio.dtype == np.float32 and len(audio) > 0.5 * 16000
+        assert AF.loudness(torch.from_numpy(audio)[None], 16000).item() == pytest.approx(-23.0, abs=1.0)
+    assert len(first[1][0]) > len(first[0][0]), "the laugh is spoken before the sentence"
+    again = render_controls(params, f"{laugh} నమస్కారం మీరు ఎలా ఉన్నారు", controls, seed=3)
+    assert all(np.array_equal(a, b) for (a, _), (b, _) in zip(first, again))
+    with pytest.raises(ValueError, match="no sentence to render"):
+        render_controls(params, laugh, controls, seed=3)

@@ -15,13 +15,17 @@ each judged by the same evaluators:
   of the corpus's reply: how close the reply is to what the corpus answers ("appropriateness").
   A model with a text stream also says what it spoke: intelligibility is then the recognizer's
   CER on every reply against that text (what a listener recovers of what the model meant to say).
+- rendered: the same test replies' sentences spoken by espeak-ng, as the corpus speaks them, in
+  exactly the controls the replies are asked for (tasks.evaluation.rendered_ceiling). The corpus's
+  test split holds 2 of the 9 emotions; this set is the judges' ceiling on all 9 emotions and 4
+  speakers: the most "working" they can credit a perfect model with.
 
 The evaluators (tasks.evaluation.train_asr, tasks.evaluation.train_classifier) are trained once per corpus version and
 reused (their stamps hold the corpus hash); MOS comes from DNSMOS and DistillMOS, whose weights
 ship in their PyPI packages (tasks.evaluation.mos). Results go to quality.json (atomic) under
 evaluation.out_dir/<bundle sha> and to an MLflow run `quality` beside the candidate's runs.
 
-About 400 lines: the three audio sets, the evaluators and the report are one evaluation;
+About 450 lines: the four audio sets, the evaluators and the report are one evaluation;
 its figures and their table are read together.
 """
 
@@ -49,7 +53,9 @@ from serving.bundle import ModelBundle, recorded_sampling
 from serving.session import GenerationSettings, reply_budget
 from tasks.data.corpus_audio import CorpusError, read_manifest
 
-SETS = ("corpus", "codec_roundtrip", "replies")
+SETS = ("corpus", "codec_roundtrip", "replies", "rendered")
+CONTROL_SETS = ("replies", "rendered")   # judged over the emotion and speaker sweeps
+SET_TITLES = ("corpus audio (ceiling)", "codec round trip", "generated replies", "renderings, every control (ceiling)")
 
 
 @dataclass(frozen=True)
@@ -230,6 +236,31 @@ def generate_replies(bundle: ModelBundle, requests: list[ReplyRequest], params: 
     return replies
 
 
+def rendered_clips(params: Params, requests: list[ReplyRequest]) -> list[Clip]:
+    """Each request's reply sentence spoken by espeak-ng in every control its replies are asked
+    for, judged for the same sweeps: the judges' ceiling (tasks.evaluation.rendered_ceiling)."""
+    from tasks.evaluation.rendered_ceiling import render_controls
+
+    clips: list[Clip] = []
+    for number, request in enumerate(tqdm(requests, desc="render every control", unit="turn")):
+        conditions = conditions_for(request)
+        rendered = render_controls(params, request.reply_text, [(s, e) for s, e, _ in conditions],
+                                   seed=params.evaluation.asr.seed + number)
+        clips += [Clip(audio, said, speaker, emotion, sweeps, said)
+                  for (audio, said), (speaker, emotion, sweeps) in zip(rendered, conditions)]
+    return clips
+
+
+def add_control_figures(figures: dict[str, float], matrices: dict[str, Any], working_share: float) -> None:
+    """A set judged over the control sweeps: accuracy becomes control, plus the labels working."""
+    if not matrices:
+        return
+    figures["emotion_control"] = figures.pop("emotion_accuracy")
+    figures["speaker_control"] = figures.pop("speaker_accuracy")
+    figures["emotions_working"] = float(len(working_labels(matrices["emotion"], EMOTIONS, working_share)))
+    figures["speakers_working"] = float(len(working_labels(matrices["speaker"], SPEAKERS, working_share)))
+
+
 def confusion(true: list[str], predicted: list[str], labels: tuple[str, ...]) -> list[list[int]]:
     """Rows: the true (or requested) label, columns: the predicted one, in `labels` order."""
     matrix = [[0] * len(labels) for _ in labels]
@@ -318,16 +349,12 @@ def evaluate_quality(bundle: ModelBundle, params: Params, bundle_id: str, parent
         matrices: dict[str, dict[str, Any]] = {}
         sets["corpus"], matrices["corpus"] = judge(corpus, judges)
         sets["codec_roundtrip"], matrices["codec_roundtrip"] = judge(codec_roundtrip(bundle, corpus), judges)
-        replies = generate_replies(bundle, reply_requests(params, cfg.reply_inputs), params)
+        requests = reply_requests(params, cfg.reply_inputs)
+        replies = generate_replies(bundle, requests, params)
         sets["replies"], matrices["replies"] = judge(replies, judges)
-    reply_matrices = matrices["replies"]
-    if reply_matrices:
-        sets["replies"]["emotion_control"] = sets["replies"].pop("emotion_accuracy")
-        sets["replies"]["speaker_control"] = sets["replies"].pop("speaker_accuracy")
-        emotions_working = working_labels(reply_matrices["emotion"], EMOTIONS, cfg.working_share)
-        speakers_working = working_labels(reply_matrices["speaker"], SPEAKERS, cfg.working_share)
-        sets["replies"]["emotions_working"] = float(len(emotions_working))
-        sets["replies"]["speakers_working"] = float(len(speakers_working))
+        sets["rendered"], matrices["rendered"] = judge(rendered_clips(params, requests), judges)
+    for name in CONTROL_SETS:
+        add_control_figures(sets[name], matrices[name], cfg.working_share)
     corpus_mos = sets["corpus"].get("dnsmos_p808")
     if corpus_mos and sets["replies"].get("dnsmos_p808") is not None:
         sets["replies"]["dnsmos_p808_vs_corpus"] = sets["replies"]["dnsmos_p808"] / corpus_mos
@@ -403,7 +430,7 @@ FIGURES = [  # (key, label, format)
 
 
 def table_rows(report: dict[str, Any]) -> list[list[str]]:
-    """figure | corpus audio (ceiling) | codec round trip | generated replies."""
+    """figure | one column per set of SETS (SET_TITLES); a report without a set shows "—" there."""
     sets = report["sets"]
     reply_key = {"emotion_accuracy": "emotion_control", "speaker_accuracy": "speaker_control"}
     figures = FIGURES
@@ -417,25 +444,34 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
             if key == "appropriateness_cer":
                 value = sets.get(name, {}).get("cer") if name == "replies" else None
             else:
-                value = sets.get(name, {}).get(reply_key.get(key, key) if name == "replies" else key)
+                value = sets.get(name, {}).get(reply_key.get(key, key) if name in CONTROL_SETS else key)
             cells.append("—" if value is None else fmt.format(value))
         rows.append([label, *cells])
     return rows
 
 
+def working_sentence(report: dict[str, Any]) -> str:
+    """How many labels work in the replies, beside the judges' ceiling on the renderings."""
+    replies, rendered = (report["sets"].get(name, {}) for name in CONTROL_SETS)
+    ceiling = (f" (the judges' ceiling, espeak-ng renderings of the same replies: {int(rendered['emotions_working'])}/9"
+               f" and {int(rendered['speakers_working'])}/4)") if "emotions_working" in rendered else ""
+    return (f"Emotions working: {int(replies.get('emotions_working', 0))}/9; speakers working: "
+            f"{int(replies.get('speakers_working', 0))}/4{ceiling}; recall and precision >= "
+            f"{report['working_share']:.0%}, emotion control over the 9-emotion sweep, speaker control over "
+            "the 4-speaker sweep.")
+
+
 def quality_markdown(report: dict[str, Any]) -> str:
-    lines = ["| figure | corpus audio (ceiling) | codec round trip | generated replies |", "|---|---|---|---|"]
+    lines = ["| figure | " + " | ".join(SET_TITLES) + " |", "|---|" + "---|" * len(SET_TITLES)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(report)]
-    replies = report["sets"].get("replies", {})
-    lines += ["", f"Emotions working: {int(replies.get('emotions_working', 0))}/9; speakers working: "
-              f"{int(replies.get('speakers_working', 0))}/4 (recall and precision >= {report['working_share']:.0%} "
-              "in the replies; emotion control over the 9-emotion sweep, speaker control over the 4-speaker sweep)."]
-    for kind in ("emotion", "speaker"):
-        matrix = report["confusion"].get("replies", {}).get(kind)
-        if not matrix:
-            continue
-        labels = report["labels"][kind]
-        lines += ["", f"Replies: requested {kind} (rows) against recognised {kind} (columns)", "",
-                  "| requested | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
-        lines += [f"| {label} | " + " | ".join(str(v) for v in row) + " |" for label, row in zip(labels, matrix)]
+    lines += ["", working_sentence(report)]
+    for name, title in (("replies", "Replies"), ("rendered", "Renderings (the judges' ceiling)")):
+        for kind in ("emotion", "speaker"):
+            matrix = report["confusion"].get(name, {}).get(kind)
+            if not matrix:
+                continue
+            labels = report["labels"][kind]
+            lines += ["", f"{title}: requested {kind} (rows) against recognised {kind} (columns)", "",
+                      "| requested | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+            lines += [f"| {label} | " + " | ".join(str(v) for v in row) + " |" for label, row in zip(labels, matrix)]
     return "\n".join(lines) + "\n"
