@@ -147,6 +147,8 @@ def test_intelligibility_is_the_cer_against_what_the_reply_says_it_spoke():
     assert figures["intelligibility_cer"] == pytest.approx(1 / 9) and figures["cer"] == pytest.approx(4 / 5)
     plain, _ = judge([Clip(audio, "నాన్న", "male_young", "neutral", ())], Judges(Fake(), Fake(), Fake(), Fake()))
     assert "intelligibility_cer" not in plain, "no text stream: no intelligibility"
+    unscored, _ = judge(replies, Judges(Fake(), Fake(), Fake(), Fake()), mos=False)  # the renderings' way
+    assert "dnsmos_p808" not in unscored and unscored["intelligibility_cer"] == figures["intelligibility_cer"]
     report = _report()
     assert "appropriateness" not in quality_markdown(report)
     report["sets"]["replies"]["intelligibility_cer"] = 0.25
@@ -162,14 +164,15 @@ def test_the_renderings_ceiling_shows_beside_the_replies_in_both_reports():
     ceiling = [[0] * len(EMOTIONS) for _ in EMOTIONS]
     ceiling[0][0], ceiling[1][1] = 4, 3  # the judge recognises neutral and happy when they are spoken right
     ceiling[1][0] = 1
-    report["sets"]["rendered"] = {"dnsmos_p808": 3.0, "intelligibility": 0.9, "telugu_accuracy": 0.9,
+    report["sets"]["rendered"] = {"intelligibility": 0.9, "telugu_accuracy": 0.9,
                                   "emotion_control": 0.875, "speaker_control": 1.0, "emotions_working": 2.0,
                                   "speakers_working": 1.0}
     report["confusion"]["rendered"] = {"emotion": ceiling, "speaker": report["confusion"]["replies"]["speaker"]}
     info = {"name": "telugu-s2s", "version": "3", "aliases": [], "run_id": "run-reg", "tags": {"profile": "smoke"},
             "evaluation": {"metrics": {}, "gates": {}, "quality": report, "runs": {}}}
     text = render_report(info, ["technical_lead"])
-    assert "| DNSMOS P.808 | 1.60 | 3.20 | 3.00 | 2.50 |" in text
+    assert "| DNSMOS P.808 | 1.60 | 3.20 | — | 2.50 |" in text  # the renderings are judged without MOS
+    assert "| Telugu accuracy (1 - CER; replies: against their own text) | — | 92.0% | 90.0% | 60.0% |" in text
     assert "| reply appropriateness (1 - CER against the corpus reply) | 5.0% | — | — | — |" in text
     assert "| happy | 4 | 25% | 50% | ❌ no | yes |" in text and "| laugh | 0 | — | — | — not measured | no |" in text
     markdown = quality_markdown(report)

@@ -281,8 +281,9 @@ def per_label_precision(matrix: list[list[int]], labels: tuple[str, ...]) -> dic
     return {label: matrix[i][i] / columns[i] for i, label in enumerate(labels) if columns[i]}
 
 
-def judge(clips: list[Clip], judges: Judges) -> tuple[dict[str, float], dict[str, Any]]:
-    """MOS, CER, emotion and speaker accuracy of one set; and its confusion matrices."""
+def judge(clips: list[Clip], judges: Judges, mos: bool = True) -> tuple[dict[str, float], dict[str, Any]]:
+    """MOS (unless `mos` is false), CER, emotion and speaker accuracy of one set; and its
+    confusion matrices."""
     from models.asr import cer
 
     scorable = [c for c in clips if len(c.audio) >= 0.25 * 16000]
@@ -290,7 +291,8 @@ def judge(clips: list[Clip], judges: Judges) -> tuple[dict[str, float], dict[str
     if not scorable:
         return figures, {}
     audio = [np.clip(c.audio, -1.0, 1.0) for c in scorable]
-    figures |= judges.mos.score(audio)
+    if mos:
+        figures |= judges.mos.score(audio)
     heard = [(a, c) for a, c in zip(audio, scorable) if c.text or c.said]
     hyps = judges.recognizer.transcribe([a for a, _ in heard]) if heard else []
     with_text = [(h, c.text) for h, (_, c) in zip(hyps, heard) if c.text]
@@ -352,7 +354,7 @@ def evaluate_quality(bundle: ModelBundle, params: Params, bundle_id: str, parent
         requests = reply_requests(params, cfg.reply_inputs)
         replies = generate_replies(bundle, requests, params)
         sets["replies"], matrices["replies"] = judge(replies, judges)
-        sets["rendered"], matrices["rendered"] = judge(rendered_clips(params, requests), judges)
+        sets["rendered"], matrices["rendered"] = judge(rendered_clips(params, requests), judges, mos=False)
     for name in CONTROL_SETS:
         add_control_figures(sets[name], matrices[name], cfg.working_share)
     corpus_mos = sets["corpus"].get("dnsmos_p808")
