@@ -34,3 +34,18 @@ def test_missing_figures_old_champions_and_tags() -> None:
     assert decision.promote and {r.verdict for r in decision.rows} == {"better", "not compared"}
     tags = {"codec.stoi": "0.9012", "quality.replies.cer": "0.5", "gates_passed": "true", "codec.pesq_wb": "n/a"}
     assert figures_from_tags(tags) == {"codec.stoi": 0.9012, "quality.replies.cer": 0.5}
+
+
+def test_one_reply_judged_otherwise_is_noise_in_a_control_share() -> None:
+    """Speaker control over 32 replies: 31 of 32 against 32 of 32 is one reply (the cpu profile's
+    third version was held back by it); two replies are a loss. Without counts, the fixed tolerance."""
+    counted = {**CHAMPION, "quality.replies.speaker_control": 1.0, "quality.replies.speaker_judged": 32.0}
+    one_off = {**counted, "quality.replies.speaker_control": 31 / 32}
+    assert compare_with_champion(one_off, counted, "2").promote
+    two_off = {**counted, "quality.replies.speaker_control": 30 / 32}
+    assert not compare_with_champion(two_off, counted, "2").promote
+    uncounted_champion = {k: v for k, v in counted.items() if not k.endswith("_judged")}
+    assert compare_with_champion(one_off, uncounted_champion, "2").promote   # the challenger's count serves
+    no_counts = {k: v for k, v in one_off.items() if not k.endswith("_judged")}
+    assert not compare_with_champion(no_counts, uncounted_champion, "2").promote  # 0.031 > 0.03 without them
+    assert figures_from_tags({"quality.replies.speaker_judged": "32"}) == {"quality.replies.speaker_judged": 32.0}

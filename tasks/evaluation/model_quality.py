@@ -310,6 +310,7 @@ def judge(clips: list[Clip], judges: Judges, mos: bool = True) -> tuple[dict[str
             continue
         predicted = judge_of.predict([a for a, _ in judged])
         figures[f"{kind}_accuracy"] = float(np.mean([p == t for p, (_, t) in zip(predicted, judged)]))
+        figures[f"{kind}_judged"] = float(len(judged))  # the share's count: one reply's weight in promotion
         matrices[kind] = confusion([t for _, t in judged], predicted, labels)
     return figures, matrices
 

@@ -3,7 +3,9 @@
 Auto-promotion (smoke) used to make every version that passed its gates the champion, so a quick
 smoke run could replace a model trained for an hour. Now the challenger's quality figures are set
 beside the champion's: a figure worse by more than its tolerance (run-to-run noise) blocks the
-promotion, and the comparison goes into the sign-off report either way.
+promotion, and the comparison goes into the sign-off report either way. A control share is
+counted over few judged replies (32 for the speaker sweep of 8 turns), so one reply judged
+otherwise is noise too: its tolerance is at least one reply's share.
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ PROMOTION_FIGURES: tuple[tuple[str, bool, float], ...] = (
     ("quality.replies.speaker_control", True, 0.03),
     ("quality.replies.dnsmos_p808", True, 0.05),
 )
+# a share -> how many judged replies it is counted over (tasks/evaluation/model_quality.judge)
+JUDGED_COUNTS: dict[str, str] = {
+    "quality.replies.emotion_control": "quality.replies.emotion_judged",
+    "quality.replies.speaker_control": "quality.replies.speaker_judged",
+}
 
 
 @dataclass(frozen=True)
@@ -75,14 +82,23 @@ def compare_with_champion(challenger: dict[str, float], champion: dict[str, floa
     if champion is None:
         return PromotionDecision(None, ())
     return PromotionDecision(champion_version, tuple(
-        FigureComparison(metric, challenger.get(metric), champion.get(metric), higher, tolerance)
+        FigureComparison(metric, challenger.get(metric), champion.get(metric), higher,
+                         max(tolerance, one_reply(metric, challenger, champion)))
         for metric, higher, tolerance in PROMOTION_FIGURES))
+
+
+def one_reply(metric: str, challenger: dict[str, float], champion: dict[str, float]) -> float:
+    """The share one judged reply makes of `metric` (the fewer replies of the two evaluations),
+    0 for a figure that is not a share of replies or whose counts were not recorded."""
+    counts = [figures[JUDGED_COUNTS[metric]] for figures in (challenger, champion)
+              if metric in JUDGED_COUNTS and figures.get(JUDGED_COUNTS[metric], 0) > 0]
+    return 1.0 / min(counts) + 1e-9 if counts else 0.0
 
 
 def figures_from_tags(tags: dict[str, str]) -> dict[str, float]:
     """The flat metrics a registered version carries as tags (written with 4 significant digits)."""
     figures = {}
-    for metric, _, _ in PROMOTION_FIGURES:
+    for metric in [m for m, _, _ in PROMOTION_FIGURES] + list(JUDGED_COUNTS.values()):
         try:
             figures[metric] = float(tags[metric])
         except (KeyError, ValueError):
