@@ -10,7 +10,9 @@ A gate that fails ends the flow there: the MLflow train run is tagged with the g
 reason and ends FAILED, the Prefect run fails with the same message, and nothing is registered.
 Re-running with unchanged corpus, settings and code skips both trainings (their stamps match,
 see tasks/training/stage_cache.py) and re-registering the same weights returns the existing
-version, so a re-run costs the gates' evaluation only.
+version, so a re-run costs the gates' evaluation only. A training that a retry or a new run finds
+unfinished (the flow killed mid-training) continues from its last checkpoint when that was written
+with the same stamp, and starts over otherwise (tasks/training/resume.py).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.runtime import flow_run, task_run
+from prefect.runtime import flow_run
 
 from core import atomic
 from core.config import Params, load_params
@@ -52,25 +54,19 @@ def with_thresholds(overrides: dict[str, Any] | None, thresholds: dict[str, Any]
     return merged
 
 
-def _resume_on_retry(checkpoint: Path) -> bool:
-    """A retried training task continues from its last checkpoint instead of starting over."""
-    return task_run.run_count > 1 and checkpoint.is_file()
-
-
 @task(name="train-codec", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
 def train_codec_task(params: Params, parent_run_id: str) -> CodecTrainResult:
-    resume = _resume_on_retry(params.path(params.codec_train.out_dir) / "last.pt")
+    """A retry, or a new flow run after a kill, continues last.pt when it has these settings."""
     if launch.is_distributed(params):  # torchrun on nodes x processes (params.yaml distributed)
-        return CodecTrainResult(**launch.run_stage(params, "codec", resume=resume, parent_run_id=parent_run_id))
-    return train_codec(params, resume=resume, parent_run_id=parent_run_id)
+        return CodecTrainResult(**launch.run_stage(params, "codec", resume="auto", parent_run_id=parent_run_id))
+    return train_codec(params, resume="auto", parent_run_id=parent_run_id)
 
 
 @task(name="train-s2s", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
 def train_s2s_task(params: Params, parent_run_id: str) -> S2STrainResult:
-    resume = _resume_on_retry(params.path(params.s2s_train.out_dir) / "last.pt")
     if launch.is_distributed(params):
-        return S2STrainResult(**launch.run_stage(params, "s2s", resume=resume, parent_run_id=parent_run_id))
-    return train_s2s(params, resume=resume, parent_run_id=parent_run_id)
+        return S2STrainResult(**launch.run_stage(params, "s2s", resume="auto", parent_run_id=parent_run_id))
+    return train_s2s(params, resume="auto", parent_run_id=parent_run_id)
 
 
 @task(name="gate", cache_policy=NO_CACHE, task_run_name="{result.name}-gate")

@@ -238,9 +238,14 @@ def curve_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = S
     console.print(f"written: {params.path(params.paths.artifacts)}/curve-{params.profile}.md", soft_wrap=True)
 
 
+AutoResumeOpt = typer.Option(False, "--auto-resume", help="continue from the last checkpoint when it was made with "
+                             "these settings (corpus, settings, code), else start over; what the flows do")
+
+
 @train_app.command("codec")
 def train_codec_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = SetOpt,
                     resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint"),
+                    auto_resume: bool = AutoResumeOpt,
                     max_steps: Optional[int] = typer.Option(None, help="stop after this many steps in all"),
                     no_mlflow: bool = typer.Option(False, "--no-mlflow", help="do not log to MLflow"),
                     force: bool = ForceOpt, parent_run_id: Optional[str] = ParentRunOpt) -> None:
@@ -252,8 +257,8 @@ def train_codec_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str
 
     params = _params(profile, set_)
     try:
-        result = train_codec(params, resume=resume, max_steps=max_steps, track=not no_mlflow, force=force,
-                             parent_run_id=parent_run_id)
+        result = train_codec(params, resume=resume or ("auto" if auto_resume else False), max_steps=max_steps,
+                             track=not no_mlflow, force=force, parent_run_id=parent_run_id)
     except (CorpusError, FileNotFoundError, ValueError, SharedFolderError, TrackingStoreError) as exc:
         _fail(str(exc))
     if result.metrics:
@@ -271,6 +276,7 @@ def train_codec_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str
 @train_app.command("s2s")
 def train_s2s_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = SetOpt,
                   resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint"),
+                  auto_resume: bool = AutoResumeOpt,
                   max_steps: Optional[int] = typer.Option(None, help="stop after this many steps in all"),
                   no_mlflow: bool = typer.Option(False, "--no-mlflow", help="do not log to MLflow"),
                   force: bool = ForceOpt, parent_run_id: Optional[str] = ParentRunOpt) -> None:
@@ -282,8 +288,8 @@ def train_s2s_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]]
 
     params = _params(profile, set_)
     try:
-        result = train_s2s(params, resume=resume, max_steps=max_steps, track=not no_mlflow, force=force,
-                           parent_run_id=parent_run_id)
+        result = train_s2s(params, resume=resume or ("auto" if auto_resume else False), max_steps=max_steps,
+                           track=not no_mlflow, force=force, parent_run_id=parent_run_id)
     except (CorpusError, FileNotFoundError, ValueError, SharedFolderError, TrackingStoreError) as exc:
         _fail(str(exc))
     if result.metrics:

@@ -8,7 +8,12 @@ HAProxy stops sending new sessions there; nothing shuts down the sessions a repl
 (no `on-marked-down shutdown-sessions`), which is what lets a draining replica finish them. A
 replica that died (kill -9, out of memory) is seen by the checks only after `fall` of them (~1 s):
 a new session sent there meanwhile has its refused connection retried on another replica
-(`retries` + `option redispatch`) instead of getting a 503. The
+(`retries` + `option redispatch`) instead of getting a 503. A connection can also land in the
+few milliseconds while the killed process's sockets are being closed: it is accepted, then reset
+before any reply, which HAProxy answers with a 502 unless it also retries an empty response
+(`retry-on ... empty-response`; safe here: a WebSocket handshake that got no answer started
+nothing). Sessions that end abnormally (a 502, a timeout) are logged to the pool's haproxy.log
+(`option dontlog-normal`: the others are not, so the file stays small). The
 runtime API (an admin socket) lets the pool put a replica in DRAIN before it is told to stop,
 so not one new session reaches it between the signal and the next health check.
 """
@@ -32,9 +37,13 @@ def haproxy_config(listen_host: str, listen_port: int, servers: dict[str, tuple[
     lines = ["global",
              "    maxconn 4096",
              f"    stats socket {admin_socket} mode 600 level admin",
+             "    log stdout format raw local0",
              "",
              "defaults",
              "    mode http",
+             "    log global",
+             "    option httplog",
+             "    option dontlog-normal",
              "    timeout connect 5s",
              "    timeout client 60s",
              "    timeout server 60s",
@@ -42,6 +51,7 @@ def haproxy_config(listen_host: str, listen_port: int, servers: dict[str, tuple[
              "    timeout http-request 10s",
              "    timeout queue 30s",
              "    retries 3",
+             "    retry-on conn-failure empty-response",
              "    option redispatch 1",
              "",
              "frontend s2s",

@@ -46,8 +46,8 @@ class ChaosLog:
             f"Written by `s2s chaos` (the fault-injection suite, `tests/test_chaos*.py`, all cases, the `chaos`-marked",
             f"long ones included) on {time.strftime('%Y-%m-%d', time.gmtime())}, {platform.machine()}, "
             f"{os.cpu_count()} cores, {os.environ.get('S2S_CHAOS_KILLS', '3')} kills per repeated case.",
-            "It ran at low priority (`nice -n 19`) on a shared machine beside other jobs, so the seconds to",
-            "recover are upper bounds. Rerun: `nice -n 19 s2s chaos` (or `S2S_CHAOS_REPORT=docs/reliability.md",
+            "It ran at low priority (`nice -n 19`, a few cases `nice -n 5`) on a shared machine beside other jobs,",
+            "so the seconds to recover are upper bounds. Rerun: `nice -n 19 s2s chaos` (or `S2S_CHAOS_REPORT=docs/reliability.md",
             "pytest tests/test_chaos.py tests/test_chaos_stores.py -m 'chaos or not chaos'`); the fast cases also",
             "run in `make test`, without writing this file. Every case is a real process killed or starved,",
             "then checked.",

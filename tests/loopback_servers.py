@@ -58,19 +58,27 @@ class Process:
             time.sleep(0.5)
 
     def stop(self, grace_s: float = 20) -> None:
-        if self.popen.poll() is None:
-            _signal_group(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                _signal_group(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(10)
+        stop_process(self.popen, grace_s, group=True)
         self._out.close()
+
+
+def stop_process(popen: subprocess.Popen, grace_s: float = 120, group: bool = False) -> None:
+    """SIGTERM (to its whole group with `group`: one started with start_new_session), wait up to
+    `grace_s` for it to shut down cleanly, then SIGKILL; nothing is left running either way."""
+    if popen.poll() is not None:
+        return
+    send = (lambda sig: _signal_group(popen.pid, sig)) if group else popen.send_signal
+    send(signal.SIGTERM)
+    try:
+        popen.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        send(signal.SIGKILL)
+        popen.wait(10)
 
 
 def _signal_group(pid: int, sig: int) -> None:
     try:
-        os.killpg(pid, sig)  # the group this module created with start_new_session
+        os.killpg(pid, sig)  # the group the process was started in (start_new_session)
     except ProcessLookupError:
         pass
 

@@ -11,10 +11,8 @@ project, as they do for the real worker.
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,11 +20,13 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 
+from tasks.benchmarks.server_launcher import free_port
+
 from .conftest import REPO, small_corpus_overrides
+from .loopback_servers import Process, _signal_group, http_ok, prefect_env
 
 pytestmark = pytest.mark.slow
 
@@ -39,51 +39,6 @@ DEPLOYMENTS = {  # deployment -> the parameters a user sets in the UI
 PULL_STEP = "prefect.deployments.steps.set_working_directory"
 
 
-class Process:
-    """A subprocess in its own session with its output in a file; stop() ends the whole group."""
-
-    def __init__(self, args: list[str], log: Path, env: dict[str, str], cwd: Path):
-        self.args, self.log = args, log
-        self._out = log.open("wb")
-        self.popen = subprocess.Popen(args, stdout=self._out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                      start_new_session=True)
-
-    def tail(self, chars: int = 6000) -> str:
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return f"--- {' '.join(self.args[1:4])} (rc={self.popen.poll()}) log tail ---\n{text[-chars:]}"
-
-    def stop(self, grace_s: float = 20) -> None:
-        if self.popen.poll() is None:
-            _signal_group(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                _signal_group(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(10)
-        self._out.close()
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)  # the group this test created with start_new_session
-    except ProcessLookupError:
-        pass
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _clean_env(home: Path) -> dict[str, str]:
-    """This environment without any PREFECT_* of the caller (a profile, an API URL), state in `home`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_CLI_PROMPT="false",
-               PYTHONUNBUFFERED="1")
-    return env
-
-
 @pytest.fixture()
 def prefect_server(tmp_path: Path):
     """A Prefect server as a subprocess on a free loopback port, with its own home and SQLite file.
@@ -91,25 +46,13 @@ def prefect_server(tmp_path: Path):
     Yields (api_url, env for clients, the server Process). Startup can take a minute here."""
     home = tmp_path / "prefect-home"
     home.mkdir()
-    env = _clean_env(home)
-    env["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{home / 'prefect.db'}"
-    port = _free_port()
+    env = {**prefect_env(home), "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}"}
+    port = free_port()
     server = Process([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                      tmp_path / "server.log", env, tmp_path)
     api = f"http://127.0.0.1:{port}/api"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if server.popen.poll() is not None:
-                pytest.fail(f"the Prefect server exited while starting\n{server.tail()}")
-            try:
-                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the Prefect server did not answer /api/health within 120 s\n{server.tail()}")
-            time.sleep(1)
+        server.wait_until(lambda: http_ok(f"{api}/health"), "the Prefect server", 120)
         client_env = {**env, "PREFECT_API_URL": api}
         client_env.pop("PREFECT_API_DATABASE_CONNECTION_URL")
         yield api, client_env, server

@@ -16,8 +16,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tasks.benchmarks.server_launcher import free_port
+
 from .conftest import LENIENT, REPO, TINY
-from .test_deployments import Process, _client, _clean_env, _free_port, _run_logs
+from .loopback_servers import Process, prefect_env
+from .test_deployments import _client, _run_logs
 
 pytestmark = pytest.mark.slow
 
@@ -37,8 +40,8 @@ def test_make_ui_registers_the_deployments_and_a_ui_run_completes_on_its_worker(
         tiny_corpus: Path, project_root: Path, tmp_path: Path):
     shutil.copy(REPO / "prefect.yaml", project_root / "prefect.yaml")
     shutil.copytree(REPO / "flows", project_root / "flows", ignore=shutil.ignore_patterns("__pycache__"))
-    prefect_port, mlflow_port = _free_port(), _free_port()
-    env = _clean_env(project_root / ".prefect")
+    prefect_port, mlflow_port = free_port(), free_port()
+    env = prefect_env(project_root / ".prefect")
     env.update(S2S_ROOT=str(project_root), PREFECT_PORT=str(prefect_port), MLFLOW_PORT=str(mlflow_port),
                PREFECT_WORKER_QUERY_SECONDS="2", PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
     ui = Process(["bash", str(REPO / "scripts" / "ui.sh")], tmp_path / "ui.log", env, project_root)

@@ -101,8 +101,9 @@ def test_two_workers_on_postgres_prefect_run_cloned_revisions_one_writer_at_a_ti
     origin, checkout = _team_checkout(tmp_path)
     revision = _git(checkout, "rev-parse", "HEAD").stdout.strip()
     team, local = (yaml.safe_load((REPO / f).read_text())["deployments"] for f in ("prefect-team.yaml", "prefect.yaml"))
-    for deployment in team:  # runs in the worker's folder, where the clone stays between runs
-        assert deployment["work_pool"].pop("job_variables") == {"working_dir": "."}
+    for deployment, same in zip(team, local):  # runs in the worker's folder, where the clone stays between runs
+        assert deployment["work_pool"].pop("job_variables") == {**same["work_pool"].pop("job_variables"),
+                                                                "working_dir": "."}
     assert team == local, "prefect-team.yaml deploys what prefect.yaml deploys"
 
     with postgres(logs) as pg:
@@ -131,7 +132,7 @@ def test_two_workers_on_postgres_prefect_run_cloned_revisions_one_writer_at_a_ti
                     (step,) = deployment.pull_steps
                     clone = step["prefect.deployments.steps.git_clone"]
                     assert clone == {"repository": str(origin), "commit_sha": revision}, step
-                    assert deployment.job_variables == {"working_dir": "."}
+                    assert deployment.job_variables == {"working_dir": ".", "stream_output": False}
                     overrides = small_corpus_overrides(tmp_path)
                     runs = [client.create_flow_run_from_deployment(deployment.id, parameters={"overrides": overrides})
                             for _ in range(2)]

@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from tasks.benchmarks.server_launcher import free_port
 
 from .conftest import require_tool, speak
 from .live_server import LiveServer
+from .loopback_servers import stop_process
 from .test_serving import one_turn
 
 HAPROXY = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin")
@@ -120,11 +120,7 @@ def test_two_replicas_behind_haproxy_roll_onto_a_new_model_without_dropping_sess
         current.symlink_to(_versioned_copy(bundle_dir, tmp_path / "v2", "2"))
         result = asyncio.run(scenario())
     finally:
-        pool.send_signal(signal.SIGTERM)
-        try:
-            pool.wait(120)
-        except subprocess.TimeoutExpired:
-            pool.kill()
+        stop_process(pool)
     final = json.loads((folder / "pool.json").read_text())
     assert result["per_replica"] == [1, 1], "leastconn: the second session went to the idle replica"
     assert result["draining_health"] == 503

@@ -25,31 +25,53 @@ def _losses(path: Path) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in map(json.loads, path.read_text().splitlines()) if "loss" in row}
 
 
-def test_codec_resume_after_kill_matches_uninterrupted_run(tiny_corpus: Path, project_root: Path):
+def test_codec_resumed_after_a_kill_matches_the_uninterrupted_run_and_other_settings_start_over(
+        tiny_corpus: Path, project_root: Path):
+    """What a pipeline run started again after a kill -9 does (`--auto-resume`, the flows' resume="auto";
+    `--resume` takes the same path without the stamp check): last.pt of the same settings is
+    continued, to the uninterrupted run's losses, its curve points kept; a checkpoint of other
+    settings is started over, the output says which settings differ, and curve.jsonl then holds the
+    new run's points only."""
+    from tasks.training.curve import read_curve
+
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    base = ["train", "codec", "--no-mlflow", *cli_sets(TINY)]
-    reference = project_root / "reference"
+    total = 120  # room to kill it mid-way on a loaded machine, where this test polls seconds apart
+    base = ["train", "codec", "--no-mlflow", *cli_sets(TINY), f"--set=codec_train.max_steps={total}",
+            f"--set=codec_train.curve_steps=[2,{total}]"]
+    reference, killed = project_root / "reference", project_root / "killed"
     subprocess.run(_cli(*base, f"--set=codec_train.out_dir={reference}"), check=True, env=env, capture_output=True)
     expected = _losses(reference / "metrics.jsonl")
-    assert len(expected) == 40 and expected[40] < expected[1], "the loss falls"
+    assert len(expected) == total and expected[total] < expected[1], "the loss falls"
 
-    killed = project_root / "killed"
     metrics = killed / "metrics.jsonl"
     process = subprocess.Popen(_cli(*base, f"--set=codec_train.out_dir={killed}"), env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600  # a loaded machine
     while time.monotonic() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 10):
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
     checkpoint_step = torch.load(killed / "last.pt", weights_only=False)["step"]
-    assert 4 <= checkpoint_step < 40, "killed mid-way, after a checkpoint"
+    assert 4 <= checkpoint_step < total, "killed mid-way, after a checkpoint"
+    [first_point] = read_curve(killed)
+    assert first_point["step"] == 2
 
-    subprocess.run(_cli(*base, f"--set=codec_train.out_dir={killed}", "--resume"), check=True, env=env,
-                   capture_output=True)
+    again = subprocess.run(_cli(*base, f"--set=codec_train.out_dir={killed}", "--auto-resume"), env=env,
+                           capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"codec training continues {killed / 'last.pt'} at step {checkpoint_step}" in again.stdout, again.stdout
     resumed = _losses(metrics)
-    assert sorted(resumed) == list(range(1, 41))
+    assert sorted(resumed) == list(range(1, total + 1))
     assert resumed == pytest.approx(expected, rel=1e-6), "same loss curve as the uninterrupted run"
+    assert read_curve(killed)[0] == first_point and [p["step"] for p in read_curve(killed)] == [2, total]
+
+    other = subprocess.run(_cli(*base, f"--set=codec_train.out_dir={killed}", "--auto-resume",
+                                "--set=codec_train.max_steps=3", "--set=codec_train.curve_steps=[3]"),
+                           env=env, capture_output=True, text=True)
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert (f"codec training starts over at step 0: {killed / 'last.pt'} is not continued, it was made with other "
+            "settings (differs in: train.curve_steps, train.max_steps)") in other.stdout, other.stdout
+    assert sorted(_losses(metrics)) == [1, 2, 3] and [p["step"] for p in read_curve(killed)] == [3]
 
 
 def test_codec_trains_under_torchrun_with_two_processes(tiny_corpus: Path, project_root: Path):
@@ -131,6 +153,13 @@ def test_curve_points_and_snapshots_then_the_curve_report(tiny_corpus: Path, pro
     assert all("reply_intelligibility_cer" in p for p in report["s2s"]), report["s2s"]
     text = (project_root / "artifacts/curve-smoke.md").read_text()
     assert "## codec" in text and "| 2 |" in text and "| 6 |" in text
+
+    # a run of other settings starts at step 0: the curve and snapshots are the new run's alone
+    train_s2s(load_params("smoke", {**TINY, "codec_train": {**TINY["codec_train"], "max_steps": 4,
+                                                            "curve_steps": [2, 4], "extra_voice_clips": 2},
+                                    "s2s_train": {**TINY["s2s_train"], "curve_steps": [5]}}), track=False)
+    assert [p["step"] for p in read_curve(s2s_dir)] == [5]
+    assert sorted(p.name for p in (s2s_dir / "snapshots").iterdir()) == [snapshot_path(s2s_dir, 5).name]
 
 
 def test_codec_only_voices_are_deterministic_and_hold_out_the_unseen_set():

@@ -4,11 +4,14 @@ A profile's budget is picked from where quality stops paying for time, so a trai
 stop at `curve_steps` to score itself (the codec on the test split and the unseen voices, the S2S
 model on the validation split) and keep a snapshot of its weights for later scoring. The points
 go to MLflow and to curve.jsonl beside the checkpoint; time spent scoring is not training time.
+A run that starts at step 0 clears the points and snapshots of the run before it (reset_curve), so
+curve.jsonl holds one run; a resumed run keeps them and goes on adding.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -35,3 +38,9 @@ def read_curve(out_dir: Path) -> list[dict[str, Any]]:
 
 def snapshot_path(out_dir: Path, step: int) -> Path:
     return Path(out_dir) / "snapshots" / f"step{step:06d}.pt"
+
+
+def reset_curve(out_dir: Path) -> None:
+    """Forget the points and snapshots of an earlier run in `out_dir` (a run starting at step 0)."""
+    (Path(out_dir) / "curve.jsonl").unlink(missing_ok=True)
+    shutil.rmtree(Path(out_dir) / "snapshots", ignore_errors=True)

@@ -76,11 +76,13 @@ def stage_out_dir(params: Params, stage: Stage) -> Path:
     return params.path(params.codec_train.out_dir if stage == "codec" else params.s2s_train.out_dir)
 
 
-def run_stage(params: Params, stage: Stage, *, resume: bool = False, force: bool = False, track: bool = True,
-              parent_run_id: str | None = None) -> dict[str, Any]:
+def run_stage(params: Params, stage: Stage, *, resume: bool | Literal["auto"] = False, force: bool = False,
+              track: bool = True, parent_run_id: str | None = None) -> dict[str, Any]:
     """Run one stage under torchrun on this node and return its result.json (as the stage's
-    result dataclass takes it; `cached` when the ranks reused a finished run)."""
-    extra = [*(["--resume"] if resume else []), *(["--force"] if force else []),
+    result dataclass takes it; `cached` when the ranks reused a finished run). resume as in
+    tasks/training/resume.py: True continues last.pt, "auto" when it was made with these settings."""
+    resume_flag = {True: ["--resume"], "auto": ["--auto-resume"]}.get(resume, [])
+    extra = [*resume_flag, *(["--force"] if force else []),
              *([] if track else ["--no-mlflow"]), *(["--parent-run-id", parent_run_id] if parent_run_id else [])]
     result_path = stage_out_dir(params, stage) / "result.json"
     before = result_path.stat().st_mtime_ns if result_path.is_file() else None
@@ -100,4 +102,4 @@ def run_stage(params: Params, stage: Stage, *, resume: bool = False, force: bool
 def run_node(params: Params, stages: list[Stage], track: bool = True) -> None:
     """Another node's share of the train flow: the same torchrun launches, in the same order."""
     for stage in stages:
-        run_stage(params, stage, track=track)
+        run_stage(params, stage, resume="auto", track=track)  # as the flow's node launches them

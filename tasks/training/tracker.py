@@ -144,7 +144,8 @@ class RunTracker:
         self.store, self.lock_wait_s = tracking_uri(root, uri), lock_wait_s
         use_experiment(root, uri, experiment, lock_wait_s)
         self._end_unfinished()
-        tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id and not run_id else None
+        # a run continued by a new flow run (resumed after a kill) moves under that flow's run
+        tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
         run = self._call(mlflow.start_run, run_id=run_id, run_name=None if run_id else run_name, tags=tags,
                          log_system_metrics=system_metrics, nested=mlflow.active_run() is not None)
         self.run_id = run.info.run_id

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from core import atomic
-from core.checkpoints import load_checkpoint, restore_rng, save_checkpoint
+from core.checkpoints import restore_rng, save_checkpoint
 from core.config import Params
 from core.hashing import code_hash
 from models.codec import STFTDiscriminator, reconstruction_loss, snr_loss
@@ -33,9 +33,10 @@ from tasks.evaluation.codec_baselines import REFERENCE_CODECS, align, nominal_la
 from tasks.evaluation.unseen_voices import unseen_set
 from tasks.training.codec_voices import extra_voice_clips
 from tasks.training.cost import cost_metrics, planned_steps
-from tasks.training.curve import record_point, snapshot_path
+from tasks.training.curve import record_point, reset_curve, snapshot_path
 from tasks.training.device import autocast, init_distributed, select_device
 from tasks.training.provenance import corpus_fingerprint, run_tags
+from tasks.training.resume import Resume, resume_state, stamp_text
 from tasks.training.rng import step_generator
 from tasks.training.shards import check_same_stamp, check_shared_folder, rank_slice
 from tasks.training.stage_cache import cached_result, write_stamp
@@ -192,9 +193,10 @@ def mel_losses(net: torch.nn.Module, model: MelCodec, batch: torch.Tensor, gains
                                           "mel": float(parts["mel"])}
 
 
-def train_codec(params: Params, resume: bool = False, max_steps: int | None = None, track: bool = True,
+def train_codec(params: Params, resume: Resume = False, max_steps: int | None = None, track: bool = True,
                 force: bool = False, parent_run_id: str | None = None) -> CodecTrainResult:
-    """Train (or, when a finished run has the same stamp and neither resume nor force is asked, reuse)."""
+    """Train (or, when a finished run has the same stamp and neither resume nor force is asked, reuse).
+    resume: True continues last.pt, "auto" continues it when it has this run's stamp (resume.py)."""
     cfg = params.codec_train
     device = select_device(cfg.device)
     dist_info = init_distributed(device)
@@ -203,7 +205,7 @@ def train_codec(params: Params, resume: bool = False, max_steps: int | None = No
     check_shared_folder(out_dir, dist_info)
     stamp = training_stamp(params, max_steps, dist_info.world_size)
     check_same_stamp(stamp, dist_info)
-    if not (resume or force) and (cached := cached_result(out_dir, stamp)) is not None:
+    if resume is not True and not force and (cached := cached_result(out_dir, stamp)) is not None:
         return CodecTrainResult(**{**cached, "cached": True})
     (out_dir / "stamp.json").unlink(missing_ok=True)  # the checkpoint is about to change
     torch.manual_seed(cfg.seed)
@@ -215,8 +217,8 @@ def train_codec(params: Params, resume: bool = False, max_steps: int | None = No
     disc_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=cfg.lr, betas=(0.8, 0.99)) if discriminator else None
 
     step, run_id = 0, None
-    if resume and checkpoint_path.is_file():
-        state = load_checkpoint(checkpoint_path)
+    state = resume_state(checkpoint_path, stamp, False if force and resume == "auto" else resume, "codec", dist_info)
+    if state is not None:
         model.load_checkpoint_state(state["model"], state["config"])
         optimizer.load_state_dict(state["optimizer"])
         if discriminator is not None and state.get("discriminator"):
@@ -224,8 +226,9 @@ def train_codec(params: Params, resume: bool = False, max_steps: int | None = No
             disc_optimizer.load_state_dict(state["disc_optimizer"])
         step, run_id = state["step"], state.get("run_id")
         restore_rng(state["rng"])
-    elif resume:
-        raise FileNotFoundError(f"--resume asked for, but there is no checkpoint at {checkpoint_path}")
+        print(f"codec training continues {checkpoint_path} at step {step}", flush=True)
+    elif dist_info.is_main:
+        reset_curve(out_dir)  # curve.jsonl holds the points of one run
 
     clips, _ = load_clips(params.path(params.paths.data), "train")
     if isinstance(model, MelCodec):  # v2 may hear more voices than the corpus has; v1 keeps its recipe
@@ -285,6 +288,7 @@ def train_codec(params: Params, resume: bool = False, max_steps: int | None = No
             if dist_info.is_main and (step % cfg.checkpoint_every == 0 or step == total):
                 save_checkpoint(checkpoint_path, model=model.state_dict(), config=model.config_dict(),
                                 optimizer=optimizer.state_dict(), step=step, run_id=tracker.run_id,
+                                stamp=stamp_text(stamp),
                                 discriminator=discriminator.state_dict() if discriminator else None,
                                 disc_optimizer=disc_optimizer.state_dict() if disc_optimizer else None)
             if dist_info.is_main and step in cfg.curve_steps:

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from core import atomic
-from core.checkpoints import load_checkpoint, restore_rng, save_checkpoint
+from core.checkpoints import restore_rng, save_checkpoint
 from core.config import Params
 from core.hashing import code_hash
 from models.alignment import fit_frames
@@ -31,10 +31,11 @@ from models.s2s_transformer import S2SConfig, S2STransformer, build_training_exa
 from tasks.data.corpus_audio import CorpusError
 from tasks.training.align_corpus import AlignResult, align_corpus, load_alignments
 from tasks.training.cost import cost_metrics, planned_steps
-from tasks.training.curve import record_point, snapshot_path
+from tasks.training.curve import record_point, reset_curve, snapshot_path
 from tasks.training.device import autocast, init_distributed, select_device
 from tasks.training.provenance import corpus_fingerprint, run_tags
 from tasks.training.reply_renderings import control_ids, reply_renderings
+from tasks.training.resume import Resume, resume_state, stamp_text
 from tasks.training.rng import step_generator
 from tasks.training.shards import check_same_stamp, check_shared_folder, rank_slice
 from tasks.training.stage_cache import cached_result, write_stamp
@@ -194,9 +195,10 @@ def training_stamp(params: Params, tokens_dir: Path, max_steps: int | None, worl
     return stamp
 
 
-def train_s2s(params: Params, resume: bool = False, max_steps: int | None = None, track: bool = True,
+def train_s2s(params: Params, resume: Resume = False, max_steps: int | None = None, track: bool = True,
               force: bool = False, parent_run_id: str | None = None) -> S2STrainResult:
-    """Train (or, when a finished run has the same stamp and neither resume nor force is asked, reuse)."""
+    """Train (or, when a finished run has the same stamp and neither resume nor force is asked, reuse).
+    resume: True continues last.pt, "auto" continues it when it has this run's stamp (resume.py)."""
     cfg = params.s2s_train
     device = select_device(cfg.device)
     dist_info = init_distributed(device)
@@ -217,7 +219,7 @@ def train_s2s(params: Params, resume: bool = False, max_steps: int | None = None
             aligned = align_corpus(params, use_mlflow=False)
     stamp = training_stamp(params, tokens_dir, max_steps, dist_info.world_size, aligned)
     check_same_stamp(stamp, dist_info)
-    if not (resume or force) and (cached := cached_result(out_dir, stamp)) is not None:
+    if resume is not True and not force and (cached := cached_result(out_dir, stamp)) is not None:
         return S2STrainResult(**{**cached, "cached": True})
     if dist_info.is_main:
         (out_dir / "stamp.json").unlink(missing_ok=True)  # the checkpoint is about to change
@@ -228,8 +230,8 @@ def train_s2s(params: Params, resume: bool = False, max_steps: int | None = None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.01)
 
     step, run_id = 0, None
-    if resume and checkpoint_path.is_file():
-        state = load_checkpoint(checkpoint_path)
+    state = resume_state(checkpoint_path, stamp, False if force and resume == "auto" else resume, "s2s", dist_info)
+    if state is not None:
         if state["config"] != asdict(config):
             changed = sorted(k for k in state["config"] if state["config"][k] != asdict(config).get(k))
             raise ValueError(f"checkpoint {checkpoint_path} was made with another S2S config "
@@ -238,8 +240,9 @@ def train_s2s(params: Params, resume: bool = False, max_steps: int | None = None
         optimizer.load_state_dict(state["optimizer"])
         step, run_id = state["step"], state.get("run_id")
         restore_rng(state["rng"])
-    elif resume:
-        raise FileNotFoundError(f"--resume asked for, but there is no checkpoint at {checkpoint_path}")
+        print(f"s2s training continues {checkpoint_path} at step {step}", flush=True)
+    elif dist_info.is_main:
+        reset_curve(out_dir)  # curve.jsonl holds the points of one run
 
     if dist_info.is_main:
         extra_pairs = rendered_pairs(params, tokens_dir, aligned)  # made once, cached beside the tokens
@@ -302,7 +305,7 @@ def train_s2s(params: Params, resume: bool = False, max_steps: int | None = None
             if dist_info.is_main and (step % cfg.checkpoint_every == 0 or step == total):
                 save_checkpoint(checkpoint_path, model=model.state_dict(), config=asdict(config),
                                 codec_config=codec_config, optimizer=optimizer.state_dict(), step=step,
-                                run_id=tracker.run_id)
+                                run_id=tracker.run_id, stamp=stamp_text(stamp))
             if dist_info.is_main and step in cfg.curve_steps:
                 scoring_started = time.monotonic()
                 point = record_point(out_dir, step, scoring_started - started - scoring_seconds,
