@@ -205,3 +205,12 @@ def test_a_reply_is_rendered_in_each_control_at_the_corpus_level():
     assert all(np.array_equal(a, b) for (a, _), (b, _) in zip(first, again))
     with pytest.raises(ValueError, match="no sentence to render"):
         render_controls(params, laugh, controls, seed=3)
+
+    from tasks.evaluation.model_quality import ReplyRequest, rendered_clips
+    silent = np.zeros(1600, np.float32)
+    requests = [ReplyRequest("only-a-laugh", silent, laugh, "male_young", "laugh"),
+                ReplyRequest("p1", silent, "నమస్కారం", "female_young", "happy")]
+    clips = rendered_clips(params, requests)  # the first has nothing to say again: skipped, not fatal
+    assert len(clips) == 12 and {(c.speaker, c.emotion) for c in clips if "speaker" in c.judged_for} == \
+        {(s, "happy") for s in SPEAKERS}
+    assert sorted(c.emotion for c in clips if "emotion" in c.judged_for) == sorted(EMOTIONS)

@@ -244,8 +244,12 @@ def rendered_clips(params: Params, requests: list[ReplyRequest]) -> list[Clip]:
     clips: list[Clip] = []
     for number, request in enumerate(tqdm(requests, desc="render every control", unit="turn")):
         conditions = conditions_for(request)
-        rendered = render_controls(params, request.reply_text, [(s, e) for s, e, _ in conditions],
-                                   seed=params.evaluation.asr.seed + number)
+        try:
+            rendered = render_controls(params, request.reply_text, [(s, e) for s, e, _ in conditions],
+                                       seed=params.evaluation.asr.seed + number)
+        except ValueError as exc:  # a reply that is only an interjection: no sentence to say again
+            print(f"renderings: pair {request.pair_id} skipped: {exc}", flush=True)
+            continue
         clips += [Clip(audio, said, speaker, emotion, sweeps, said)
                   for (audio, said), (speaker, emotion, sweeps) in zip(rendered, conditions)]
     return clips
