@@ -261,6 +261,30 @@ class S2STrainConfig(_TrainConfig):
     reply_renderings: int = 0     # extra renderings of each train reply in other voices/emotions
 
 
+class S2SDistillConfig(_Section):
+    """Guidance distilled into the S2S model after its training (tasks/training/distill_guidance.py)."""
+    out_dir: Path
+    steps: int = 0                    # fine-tuning steps; 0 = off (the S2S run is the model)
+    guidance: float = 2.0             # the guidance scale whose distribution the student learns
+    lr: float = 0.0001                # peak of a short warmup + cosine schedule
+    checkpoint_every: int = 100
+    seed: int = 47
+
+    @field_validator("steps")
+    @classmethod
+    def _not_negative(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError("must be 0 (off) or more")
+        return value
+
+    @field_validator("checkpoint_every")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+
 class AlignConfig(_Section):
     """The CTC aligner whose frame labels are the text stream's targets (tasks/training/align_corpus.py)."""
     out_dir: Path
@@ -457,6 +481,7 @@ class Params(_Section):
     tokens: TokensConfig
     s2s: S2SModelConfig
     s2s_train: S2STrainConfig
+    s2s_distill: S2SDistillConfig
     align: AlignConfig
     gates: GatesConfig
     latency: LatencyConfig

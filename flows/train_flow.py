@@ -1,4 +1,5 @@
-"""The train flow: codec -> codec gate -> S2S (tokenizing first) -> S2S gate -> bundle ->
+"""The train flow: codec -> codec gate -> S2S (tokenizing first; then guidance distilled into it when
+s2s_distill.steps > 0) -> S2S gate -> bundle ->
 quality evaluation -> quality gate -> latency gate -> register.
 
 The gate sequence is tasks/evaluation/gates.py's gate_candidate (the one `s2s gates` runs too);
@@ -40,6 +41,7 @@ from tasks.evaluation.sampling_search import choose_sampling
 from tasks.release import candidate, flow_runs
 from tasks.release.registry import RegisteredVersion, register_bundle
 from tasks.training import launch
+from tasks.training.distill_guidance import distill_guidance
 from tasks.training.train_codec import CodecTrainResult, train_codec
 from tasks.training.train_s2s import S2STrainResult, train_s2s
 
@@ -67,6 +69,12 @@ def train_s2s_task(params: Params, parent_run_id: str) -> S2STrainResult:
     if launch.is_distributed(params):
         return S2STrainResult(**launch.run_stage(params, "s2s", resume="auto", parent_run_id=parent_run_id))
     return train_s2s(params, resume="auto", parent_run_id=parent_run_id)
+
+
+@task(name="distill-guidance", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
+def distill_task(params: Params, s2s: S2STrainResult, parent_run_id: str) -> S2STrainResult:
+    """Guidance distilled into the trained model (s2s_distill.steps > 0), else the model as trained."""
+    return distill_guidance(params, s2s, resume="auto", parent_run_id=parent_run_id)
 
 
 @task(name="gate", cache_policy=NO_CACHE, task_run_name="{result.name}-gate")
@@ -143,7 +151,8 @@ def train_flow(profile: str = "smoke", overrides: dict[str, Any] | None = None,
             return bundle_task(params, codec, s2s, {"model_name": params.registry.model_name, **tags,
                                                     "bitrate_bps": codec.bitrate_bps})
 
-        gated = gates.gate_candidate(params, codec, train_s2s=lambda: train_s2s_task(params, run_id), export=export,
+        gated = gates.gate_candidate(params, codec, train_s2s=lambda: distill_task(params, train_s2s_task(params, run_id), run_id),
+                                     export=export,
                                      evaluate_quality=lambda bundle: quality_task(params, bundle, run_id),
                                      measure_latency=lambda bundle: latency_task(params, bundle),
                                      record=lambda result: gate_task(params, run_id, result))

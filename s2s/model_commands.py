@@ -280,16 +280,23 @@ def train_s2s_cmd(profile: Optional[str] = ProfileOpt, set_: Optional[list[str]]
                   max_steps: Optional[int] = typer.Option(None, help="stop after this many steps in all"),
                   no_mlflow: bool = typer.Option(False, "--no-mlflow", help="do not log to MLflow"),
                   force: bool = ForceOpt, parent_run_id: Optional[str] = ParentRunOpt) -> None:
-    """Tokenize the corpus with the trained codec (if needed) and train the S2S transformer."""
+    """Tokenize the corpus with the trained codec (if needed) and train the S2S transformer; then,
+    when the profile sets s2s_distill.steps, distil guidance into it (tasks/training/distill_guidance.py)."""
     from tasks.data.corpus_audio import CorpusError
     from tasks.training.shards import SharedFolderError
+    from tasks.training.distill_guidance import distill_guidance
     from tasks.training.tracker import TrackingStoreError
     from tasks.training.train_s2s import train_s2s
 
     params = _params(profile, set_)
+    resumed = resume or ("auto" if auto_resume else False)
     try:
-        result = train_s2s(params, resume=resume or ("auto" if auto_resume else False), max_steps=max_steps,
-                           track=not no_mlflow, force=force, parent_run_id=parent_run_id)
+        result = train_s2s(params, resume=resumed, max_steps=max_steps, track=not no_mlflow, force=force,
+                           parent_run_id=parent_run_id)
+        if params.s2s_distill.steps > 0 and result.metrics:  # rank 0 of a torchrun, or the only process
+            _print_scores("S2S as trained (validation split)", {"S2S": result.metrics, "uniform": result.baselines})
+            result = distill_guidance(params, result, resume="auto" if resumed else False, track=not no_mlflow,
+                                      force=force, parent_run_id=parent_run_id)
     except (CorpusError, FileNotFoundError, ValueError, SharedFolderError, TrackingStoreError) as exc:
         _fail(str(exc))
     if result.metrics:

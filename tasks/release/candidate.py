@@ -45,10 +45,12 @@ def training_costs(params: Params, codec: CodecTrainResult, s2s: S2STrainResult)
 
 
 def load_results(params: Params) -> tuple[CodecTrainResult, S2STrainResult]:
-    """The finished trainings' results (result.json), or a FileNotFoundError saying what to run."""
+    """The finished trainings' results (result.json), or a FileNotFoundError saying what to run; the
+    S2S one is the distilled model's when the profile distils guidance (s2s_distill.steps > 0)."""
     found = []
+    s2s_dir = params.s2s_distill.out_dir if params.s2s_distill.steps > 0 else params.s2s_train.out_dir
     for cls, out_dir, command in ((CodecTrainResult, params.codec_train.out_dir, "s2s train codec"),
-                                  (S2STrainResult, params.s2s_train.out_dir, "s2s train s2s")):
+                                  (S2STrainResult, s2s_dir, "s2s train s2s")):
         path = params.path(out_dir) / "result.json"
         if not path.is_file():
             raise FileNotFoundError(f"no finished training at {path}: run `{command}` first")
