@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 
 class ConfigError(ValueError):
@@ -270,18 +270,12 @@ class S2SDistillConfig(_Section):
     checkpoint_every: int = 100
     seed: int = 47
 
-    @field_validator("steps")
+    @field_validator("steps", "checkpoint_every")
     @classmethod
-    def _not_negative(cls, value: int) -> int:
-        if value < 0:
-            raise ValueError("must be 0 (off) or more")
-        return value
-
-    @field_validator("checkpoint_every")
-    @classmethod
-    def _positive(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError("must be at least 1")
+    def _counts(cls, value: int, info: ValidationInfo) -> int:
+        floor = 0 if info.field_name == "steps" else 1
+        if value < floor:
+            raise ValueError(f"must be at least {floor}" + (" (0: off)" if floor == 0 else ""))
         return value
 
 
