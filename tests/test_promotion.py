@@ -3,7 +3,7 @@ never promoted, whatever gates it passed."""
 
 from __future__ import annotations
 
-from tasks.release.promotion import compare_with_champion, figures_from_tags
+from tasks.release.promotion import compare_with_champion, figures_from_tags, judges_from_tags
 
 CHAMPION = {"codec.stoi": 0.90, "codec.pesq_wb": 2.0, "quality.codec_roundtrip.cer": 0.2,
             "quality.replies.cer": 0.5, "quality.replies.emotion_control": 0.6,
@@ -49,3 +49,20 @@ def test_one_reply_judged_otherwise_is_noise_in_a_control_share() -> None:
     no_counts = {k: v for k, v in one_off.items() if not k.endswith("_judged")}
     assert not compare_with_champion(no_counts, uncounted_champion, "2").promote  # 0.031 > 0.03 without them
     assert figures_from_tags({"quality.replies.speaker_judged": "32"}) == {"quality.replies.speaker_judged": 32.0}
+
+
+def test_figures_of_another_judge_get_no_verdict_and_hold_promotion_back() -> None:
+    """A judge retrained on other data (the emotion judge that learns from renderings) measures
+    differently: the champion's figures by the old weights are not compared until re-evaluated."""
+    better = {**CHAMPION, "quality.replies.emotion_control": CHAMPION["quality.replies.emotion_control"] + 0.2}
+    judges = {"asr": "a1", "emotion": "e1", "speaker": "s1"}
+    same = compare_with_champion(better, CHAMPION, "2", judges, dict(judges))
+    assert same.promote and {r.metric: r.verdict for r in same.rows}["quality.replies.emotion_control"] == "better"
+    other = compare_with_champion(better, CHAMPION, "2", judges, {**judges, "emotion": "e0"})
+    verdicts = {r.metric: r.verdict for r in other.rows}
+    assert verdicts["quality.replies.emotion_control"] == "other judge"
+    assert verdicts["quality.replies.speaker_control"] != "other judge" and verdicts["codec.stoi"] != "other judge"
+    assert not other.promote and "s2s eval --model champion" in other.reason
+    assert compare_with_champion(better, CHAMPION, "2", judges, None).promote   # an old champion: unknown judges
+    assert judges_from_tags({"evaluator.emotion_run_id": "e1", "evaluator.asr_run_id": "None", "stage": "x"}) == {
+        "emotion": "e1"}

@@ -423,6 +423,8 @@ def record_on_version(params: Params, version: str, report: dict[str, Any]) -> s
     for key, value in flat_metrics(report).items():
         client.set_model_version_tag(name, number, f"quality.{key}", f"{value:.4g}")
     client.set_model_version_tag(name, number, "quality_run_id", str(report.get("run_id")))
+    for judge, run_id in report["evaluators"]["runs"].items():  # the judges these figures are now by
+        client.set_model_version_tag(name, number, f"evaluator.{judge}_run_id", str(run_id))
     return str(number)
 
 

@@ -5,7 +5,9 @@ smoke run could replace a model trained for an hour. Now the challenger's qualit
 beside the champion's: a figure worse by more than its tolerance (run-to-run noise) blocks the
 promotion, and the comparison goes into the sign-off report either way. A control share is
 counted over few judged replies (32 for the speaker sweep of 8 turns), so one reply judged
-otherwise is noise too: its tolerance is at least one reply's share.
+otherwise is noise too: its tolerance is at least one reply's share. And a figure is only compared
+when the same judge's weights measured both sides: a judge retrained on other data (a new corpus,
+more training audio) gives the champion's figures no verdict until it is re-evaluated.
 """
 
 from __future__ import annotations
@@ -24,6 +26,15 @@ PROMOTION_FIGURES: tuple[tuple[str, bool, float], ...] = (
     ("quality.replies.speaker_control", True, 0.03),
     ("quality.replies.dnsmos_p808", True, 0.05),
 )
+# a figure -> the judge that measured it (tasks/evaluation/model_quality.load_judges): figures of two
+# versions judged by different weights (a judge retrained on other data) are not comparable
+JUDGE_OF: dict[str, str] = {
+    "quality.codec_roundtrip.cer": "asr",
+    "quality.replies.cer": "asr",
+    "quality.replies.intelligibility_cer": "asr",
+    "quality.replies.emotion_control": "emotion",
+    "quality.replies.speaker_control": "speaker",
+}
 # a share -> how many judged replies it is counted over (tasks/evaluation/model_quality.judge)
 JUDGED_COUNTS: dict[str, str] = {
     "quality.replies.emotion_control": "quality.replies.emotion_judged",
@@ -38,12 +49,16 @@ class FigureComparison:
     champion: float | None
     higher_is_better: bool
     tolerance: float
+    same_judge: bool = True  # False: the champion's figure was measured by another judge's weights
 
     @property
     def verdict(self) -> str:
-        """better, same (within tolerance), worse, or not compared (the champion lacks it)."""
+        """better, same (within tolerance), worse, not compared (the champion lacks it), or other
+        judge (measured by different judges: no verdict, and no auto-promotion on it)."""
         if self.champion is None:
             return "not compared"
+        if not self.same_judge:
+            return "other judge"
         if self.challenger is None:
             return "worse"      # a figure the challenger did not measure cannot be taken on trust
         gain = (self.challenger - self.champion) * (1 if self.higher_is_better else -1)
@@ -57,18 +72,25 @@ class PromotionDecision:
 
     @property
     def promote(self) -> bool:
-        return not any(row.verdict == "worse" for row in self.rows)
+        return not any(row.verdict in ("worse", "other judge") for row in self.rows)
 
     @property
     def reason(self) -> str:
         if self.champion_version is None:
             return "no champion yet"
         worse = [r for r in self.rows if r.verdict == "worse"]
-        if not worse:
+        other = [r.metric for r in self.rows if r.verdict == "other judge"]
+        if not worse and not other:
             return f"not worse than champion version {self.champion_version} on any compared figure"
-        return f"worse than champion version {self.champion_version} on " + ", ".join(
-            f"{r.metric} ({'-' if r.challenger is None else f'{r.challenger:.4g}'} vs {r.champion:.4g})"
-            for r in worse)
+        reasons = []
+        if worse:
+            reasons.append(f"worse than champion version {self.champion_version} on " + ", ".join(
+                f"{r.metric} ({'-' if r.challenger is None else f'{r.challenger:.4g}'} vs {r.champion:.4g})"
+                for r in worse))
+        if other:
+            reasons.append(f"{', '.join(other)} of champion version {self.champion_version} were measured by other "
+                           "judges (re-evaluate it with this corpus's judges: `s2s eval --model champion`)")
+        return "; ".join(reasons)
 
     def to_dict(self) -> dict[str, Any]:
         return {"champion_version": self.champion_version, "promote": self.promote, "reason": self.reason,
@@ -77,14 +99,29 @@ class PromotionDecision:
 
 
 def compare_with_champion(challenger: dict[str, float], champion: dict[str, float] | None,
-                          champion_version: str | None) -> PromotionDecision:
-    """Compare flat metrics (`codec.stoi`, `quality.replies.cer`, ...); no champion: promote."""
+                          champion_version: str | None, challenger_judges: dict[str, str] | None = None,
+                          champion_judges: dict[str, str] | None = None) -> PromotionDecision:
+    """Compare flat metrics (`codec.stoi`, `quality.replies.cer`, ...); no champion: promote.
+    The judges ({"emotion": run id, ...}) say which weights measured each side's figures; a judge
+    known on both sides and different makes its figures "other judge"."""
     if champion is None:
         return PromotionDecision(None, ())
+
+    def same_judge(metric: str) -> bool:
+        judge = JUDGE_OF.get(metric)
+        mine, theirs = (challenger_judges or {}).get(judge), (champion_judges or {}).get(judge)
+        return judge is None or mine is None or theirs is None or mine == theirs
+
     return PromotionDecision(champion_version, tuple(
         FigureComparison(metric, challenger.get(metric), champion.get(metric), higher,
-                         max(tolerance, one_reply(metric, challenger, champion)))
+                         max(tolerance, one_reply(metric, challenger, champion)), same_judge(metric))
         for metric, higher, tolerance in PROMOTION_FIGURES))
+
+
+def judges_from_tags(tags: dict[str, str]) -> dict[str, str]:
+    """{"asr": run id, "emotion": ..., "speaker": ...} from a version's `evaluator.<judge>_run_id` tags."""
+    return {key[len("evaluator."):-len("_run_id")]: value for key, value in tags.items()
+            if key.startswith("evaluator.") and key.endswith("_run_id") and value not in ("", "None")}
 
 
 def one_reply(metric: str, challenger: dict[str, float], champion: dict[str, float]) -> float:

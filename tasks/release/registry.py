@@ -28,7 +28,7 @@ from core.tracking import tracking_uri
 from serving.bundle import bundle_sha, read_meta, recorded_sampling
 from serving.pyfunc import TeluS2SModel
 from serving.turns import GenerationSettings
-from tasks.release.promotion import PromotionDecision, compare_with_champion, figures_from_tags
+from tasks.release.promotion import PromotionDecision, compare_with_champion, figures_from_tags, judges_from_tags
 from tasks.training.tracker import use_experiment
 
 CHALLENGER, CHAMPION = "challenger", "champion"
@@ -136,7 +136,7 @@ def _finish_registration(client: Any, params: Params, name: str, version: str, s
     client.update_model_version(name, version, description=version_description(name, version, evaluation, tags))
     client.set_registered_model_alias(name, CHALLENGER, version)
     aliases = [CHALLENGER]
-    decision = champion_comparison(client, name, flat_metrics(evaluation))
+    decision = champion_comparison(client, name, flat_metrics(evaluation), judges_from_tags(tags))
     client.set_model_version_tag(name, version, PROMOTION_TAG, json.dumps(decision.to_dict()))
     if params.registry.auto_promote and decision.promote:
         promote(client, name, version, f"auto-promote (profile {params.profile}): {decision.reason}")
@@ -189,15 +189,18 @@ def pyfunc_signature(params: Params, recorded: dict[str, Any] | None = None) -> 
     return infer_signature(example_in, example_out, params=settings)
 
 
-def champion_comparison(client: Any, name: str, figures: dict[str, float]) -> PromotionDecision:
-    """The candidate's figures beside the current champion's (from its tags); no champion: promote."""
+def champion_comparison(client: Any, name: str, figures: dict[str, float],
+                        judges: dict[str, str] | None = None) -> PromotionDecision:
+    """The candidate's figures beside the current champion's (from its tags); no champion: promote.
+    `judges`: the candidate's judges' run ids, checked against those that measured the champion."""
     from mlflow.exceptions import MlflowException
 
     try:
         champion = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:  # the alias is not set yet
         return compare_with_champion(figures, None, None)
-    return compare_with_champion(figures, figures_from_tags(champion.tags), str(champion.version))
+    return compare_with_champion(figures, figures_from_tags(champion.tags), str(champion.version), judges,
+                                 judges_from_tags(champion.tags))
 
 
 def flat_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
