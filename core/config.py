@@ -365,6 +365,15 @@ class ClassifierAugmentConfig(_Section):
     mel_shift: float = 0.0            # random shift of +-mel_shift mel bins (a voice higher or lower)
     adversary_weight: float = 0.0     # gradient reversal against the other label; 0 = off
     steps_fraction: float = 1.0       # this classifier trains for max_steps x this (at least 1 step)
+    rendered_per_control: int = 0     # extra training clips per (speaker, emotion), spoken by espeak-ng
+                                      # (tasks/evaluation/judge_renderings.py); 0 = the corpus alone
+
+    @field_validator("rendered_per_control")
+    @classmethod
+    def _not_negative(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError("must be 0 (none) or more")
+        return value
 
 
 class ClassifierConfig(_Section):
@@ -378,8 +387,16 @@ class ClassifierConfig(_Section):
     seed: int
     gain_db: float = 12.0             # random gain of +-gain_db on training crops (the model is level-blind)
     label_smoothing: float = 0.1
+    heldout_per_control: int = 0      # the held-out check: val sentences rendered in every control (0 = none)
     emotion: ClassifierAugmentConfig = ClassifierAugmentConfig()
     speaker: ClassifierAugmentConfig = ClassifierAugmentConfig()
+
+    @field_validator("heldout_per_control")
+    @classmethod
+    def _not_negative(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError("must be 0 (none) or more")
+        return value
 
 
 class EvaluationConfig(_Section):

@@ -30,7 +30,7 @@ SENTENCES = ("ఈ రోజు వాతావరణం బాగుంది.",
              "మీ పేరు ఏమిటి?", "రేపు సెలవు రోజు.", "పుస్తకం బల్ల మీద ఉంది.")
 SPLITS = ("train", "train", "train", "val", "test", "test")  # by sentence: held-out text is unseen
 TINY = {"n_mels": 40, "channels": 24, "batch_size": 8, "max_steps": 150, "lr": 0.004, "crop_seconds": 1.5,
-        "seed": 3, "gain_db": 12.0,
+        "seed": 3, "gain_db": 12.0, "heldout_per_control": 0,
         "emotion": {"noise_snr_db": [10.0, 30.0], "mel_shift": 2.0, "adversary_weight": 0.5, "steps_fraction": 1.0},
         "speaker": {"noise_snr_db": None, "mel_shift": 0.0, "adversary_weight": 0.0, "steps_fraction": 1.0}}
 
@@ -131,3 +131,47 @@ def test_missing_or_foreign_file_is_a_clear_error(tmp_path: Path) -> None:
     torch.save({"model": {}, "config": {}, "step": 3}, tmp_path / "codec.pt")  # another stage's checkpoint
     with pytest.raises(ClassifierFileError, match="not an utterance classifier"):
         load_classifier(tmp_path / "codec.pt")
+
+
+def test_judge_renderings_avoid_held_out_sentences_and_are_deterministic(corpus: dict) -> None:
+    """The judge's extra clips say only train-split sentences no val or test segment speaks; the
+    held-out check says val sentences; every (speaker, emotion) gets its clips; same seed, same plan."""
+    from tasks.data.corpus_audio import read_manifest
+    from tasks.evaluation.judge_renderings import plan_clips, split_sentences
+
+    manifest = read_manifest(corpus["params"].path(corpus["params"].paths.data))
+    by_split = split_sentences(manifest)
+    assert by_split["val"] == {SENTENCES[3]} and by_split["test"] == {SENTENCES[4], SENTENCES[5]}
+    pool = sorted(by_split["train"] - by_split["val"] - by_split["test"])
+    plan = plan_clips(pool, 2, [10.0, 20.0], seed=5)
+    assert len(plan) == 2 * len(SPEAKERS) * len(EMOTIONS)
+    assert {(c.speaker, c.emotion) for c in plan} == {(s, e) for s in SPEAKERS for e in EMOTIONS}
+    assert {c.sentence for c in plan} <= set(SENTENCES[:3])
+    assert all(plan[i].sentence != plan[i + 1].sentence for i in range(0, len(plan), 2))  # no repeat in a control
+    assert plan == plan_clips(pool, 2, [10.0, 20.0], seed=5) and plan != plan_clips(pool, 2, [10.0, 20.0], seed=6)
+    assert plan_clips(pool, 0, [10.0], seed=5) == []
+    with pytest.raises(ValueError, match="every corpus sentence is spoken in the val or test split"):
+        plan_clips([], 1, [10.0], seed=5)
+
+
+def test_the_emotion_judge_learns_from_renderings_and_is_checked_on_all_controls(corpus: dict) -> None:
+    params = corpus["params"]
+    classifier = {**TINY, "heldout_per_control": 1, "max_steps": 40,
+                  "emotion": {**TINY["emotion"], "rendered_per_control": 1}}
+    rendered = params.model_copy(update={"evaluation": params.evaluation.model_copy(update={
+        "out_dir": params.evaluation.out_dir.parent / "evaluation-rendered",
+        "classifier": type(params.evaluation.classifier).model_validate(classifier)})})
+    result = train_classifier(rendered, "emotion", use_mlflow=False)
+    assert result.metrics["items_train"] == 12 + len(SPEAKERS) * len(EMOTIONS)   # the corpus + 1 per control
+    assert result.metrics["items_rendered"] == len(SPEAKERS) * len(EMOTIONS)     # the held-out check
+    assert result.coverage["rendered"] == dict.fromkeys(EMOTIONS, len(SPEAKERS))
+    assert 0.0 <= result.metrics["balanced_accuracy_rendered"] <= 1.0
+    import json
+
+    confusion = json.loads((Path(result.checkpoint).parent / "confusion.json").read_text())
+    assert np.array(confusion["rendered"]).sum() == len(SPEAKERS) * len(EMOTIONS)
+    stamp = json.loads((Path(result.checkpoint).parent / "stamp.json").read_text())
+    assert stamp["augment"]["rendered_per_control"] == 1 and "corpus_voices" in stamp
+    # the speaker judge of the same settings gets the held-out check but no renderings
+    speaker = train_classifier(rendered, "speaker", use_mlflow=False)
+    assert speaker.metrics["items_train"] == 12 and "accuracy_rendered" in speaker.metrics

@@ -48,6 +48,7 @@ from core.hashing import code_hash
 from core.labels import EMOTIONS, SPEAKERS
 from models.utterance_classifier import UtteranceClassifier, save_classifier
 from tasks.data.corpus_audio import CorpusError, read_manifest
+from tasks.evaluation.judge_renderings import RenderedClip, held_out_clips, judge_training_clips
 from tasks.training.cost import cost_metrics
 from tasks.training.provenance import corpus_fingerprint, run_tags
 from tasks.training.rng import step_generator
@@ -87,6 +88,19 @@ class LabelledSplit:
     def coverage(self, labels: list[str]) -> dict[str, int]:
         counts = np.bincount(self.targets, minlength=len(labels))
         return {labels[i]: int(c) for i, c in enumerate(counts) if c}
+
+
+def rendered_split(plan: list[RenderedClip], clips: list[np.ndarray], label: str) -> LabelledSplit:
+    """Rendered clips as a split: each one's control gives its label and nuisance label."""
+    def indices(column: str) -> np.ndarray:
+        return np.array([VOCABULARIES[column].index(getattr(clip, column)) for clip in plan], dtype=np.int64)
+
+    return LabelledSplit(list(clips), indices(label), indices(NUISANCE[label]))
+
+
+def joined(a: LabelledSplit, b: LabelledSplit) -> LabelledSplit:
+    return LabelledSplit(a.clips + b.clips, np.concatenate([a.targets, b.targets]),
+                         np.concatenate([a.nuisance, b.nuisance]))
 
 
 def load_split(data_dir: Path, split: str, label: str) -> LabelledSplit:
@@ -216,12 +230,16 @@ def learning_rate(step: int, total: int, peak: float) -> float:
 def training_stamp(params: Params, label: str) -> dict:
     """Everything a finished classifier depends on: corpus, label, settings and code."""
     import models.features, models.utterance_classifier, tasks.data.corpus_audio  # noqa: E401
+    import tasks.evaluation.judge_renderings, tasks.training.reply_renderings  # noqa: E401
 
     settings = params.evaluation.classifier.model_dump(mode="json")  # the other label's section is left out
 
     return {"stage": f"{label}-classifier", **corpus_fingerprint(params), "label": label,
             "classifier": {k: v for k, v in settings.items() if k not in VOCABULARIES}, "augment": settings[label],
+            **({"corpus_voices": params.corpus.model_dump(mode="json")}  # what the renderings sound like
+               if settings[label]["rendered_per_control"] or settings["heldout_per_control"] else {}),
             "code": code_hash(models.utterance_classifier, models.features, tasks.data.corpus_audio,
+                              tasks.evaluation.judge_renderings, tasks.training.reply_renderings,
                               sys.modules[__name__])}
 
 
@@ -242,6 +260,16 @@ def train_classifier(params: Params, label: Label, force: bool = False, parent_r
 
     data_dir = params.path(params.paths.data)
     splits = {name: load_split(data_dir, name, label) for name in ("train", "val", "test")}
+    corpus_train = len(splits["train"].clips)
+    if augment.rendered_per_control or cfg.heldout_per_control:
+        manifest = read_manifest(data_dir)
+    if augment.rendered_per_control:
+        splits["train"] = joined(splits["train"], rendered_split(
+            *judge_training_clips(params, manifest, augment.rendered_per_control, cfg.seed), label))
+    if cfg.heldout_per_control:
+        heldout = rendered_split(*held_out_clips(params, manifest, cfg.heldout_per_control, cfg.seed), label)
+        if heldout.clips:
+            splits["rendered"] = heldout
     coverage = {name: split.coverage(labels) for name, split in splits.items()}
     torch.manual_seed(cfg.seed)
     model = UtteranceClassifier(labels, n_mels=cfg.n_mels, channels=cfg.channels)
@@ -261,7 +289,8 @@ def train_classifier(params: Params, label: Label, force: bool = False, parent_r
         tracker.log_params({**{f"classifier.{k}": v for k, v in cfg.model_dump().items() if k not in VOCABULARIES},
                             **{f"augment.{k}": v for k, v in augment.model_dump().items()}, "label": label,
                             "labels": ",".join(labels), "profile": params.profile,
-                            "items_train": len(splits["train"].clips), "total_steps": total})
+                            "items_train": len(splits["train"].clips),
+                            "items_train_rendered": len(splits["train"].clips) - corpus_train, "total_steps": total})
         tracker.set_tags(run_tags(params, f"{label}-classifier"))
         bar = tqdm(total=total, desc=f"train {label} classifier", unit="step")
         model.train()
@@ -299,21 +328,20 @@ def train_classifier(params: Params, label: Label, force: bool = False, parent_r
         bar.close()
         seconds = time.monotonic() - started
 
-        accuracy_val, confusion_val = score(model, splits["val"])
-        accuracy_test, confusion_test = score(model, splits["test"])
-        metrics = {"accuracy_val": accuracy_val, "accuracy_test": accuracy_test,
-                   "balanced_accuracy_val": balanced_accuracy(confusion_val),
-                   "balanced_accuracy_test": balanced_accuracy(confusion_test),
-                   **{f"items_{name}": float(len(split.clips)) for name, split in splits.items()},
-                   **{f"labels_{name}": float(len(coverage[name])) for name in splits},
-                   "train_seconds": seconds, **cost_metrics(seconds, device, params.cost, 1)}
+        confusions, metrics = {}, {}
+        for name in [n for n in ("val", "test", "rendered") if n in splits]:
+            accuracy, confusions[name] = score(model, splits[name])
+            metrics |= {f"accuracy_{name}": accuracy, f"balanced_accuracy_{name}": balanced_accuracy(confusions[name])}
+        confusion_test = confusions["test"]
+        metrics |= {**{f"items_{name}": float(len(split.clips)) for name, split in splits.items()},
+                    **{f"labels_{name}": float(len(coverage[name])) for name in splits},
+                    "train_seconds": seconds, **cost_metrics(seconds, device, params.cost, 1)}
         tracker.log_metrics(metrics, total)
         save_classifier(checkpoint_path, model, {"label": label, **cfg.model_dump(mode="json")})
         result = ClassifierTrainResult(label, labels, str(checkpoint_path), total, seconds, metrics, confusion_test,
                                        tracker.run_id, coverage=coverage)
         atomic.write_json(out_dir / "confusion.json", {"labels": labels, "rows": "true label", "columns": "predicted",
-                                                       "test": confusion_test, "val": confusion_val,
-                                                       "coverage": coverage})
+                                                       **confusions, "coverage": coverage})
         atomic.write_json(out_dir / "result.json", asdict(result))
         write_stamp(out_dir, stamp)  # after the result: a crash between leaves no false stamp
         tracker.log_artifact(checkpoint_path, "checkpoints")
