@@ -121,6 +121,11 @@ def test_the_signoff_report_shows_each_quality_item_with_its_ceiling_verdict_and
     assert "| laugh | 0 | — | — | — not measured | — |" in text
     assert "`run-quality`" in text and "`run-asr`" in text
     assert "not measured yet" not in text
+    assert "never trained on" not in text   # judges without the held-out check: no line
+    checked = {**report, "evaluators": {**report["evaluators"], "training": {
+        "emotion": {"metrics": {"balanced_accuracy_rendered": 0.81}}, "speaker": {"metrics": {}}}}}
+    text = render_report({**info, "evaluation": {**info["evaluation"], "quality": checked}}, ["technical_lead"])
+    assert "balanced over the labels: the emotion judge 81%." in text
     bare = render_report({**info, "evaluation": {"metrics": {}, "gates": {}}}, ["technical_lead"])
     assert "| MOS > 4.0 | >= 4 | — | — not measured |" in bare
 

@@ -178,6 +178,19 @@ def _cell(figures: dict[str, Any], key: str, fmt: str) -> str:
     return "—" if value is None else fmt.format(value)
 
 
+def judges_heldout_line(quality: dict[str, Any]) -> list[str]:
+    """How well the classifiers judge all 36 controls: their balanced accuracy on held-out renderings
+    (val sentences spoken by espeak-ng in every control; tasks/evaluation/judge_renderings.py)."""
+    training = quality.get("evaluators", {}).get("training", {})
+    shown = [f"the {kind} judge {training[kind]['metrics']['balanced_accuracy_rendered']:.0%}"
+             for kind in ("emotion", "speaker")
+             if "balanced_accuracy_rendered" in training.get(kind, {}).get("metrics", {})]
+    if not shown:
+        return []
+    return ["", "On held-out renderings (val sentences spoken in all 36 controls, never trained on), "
+                f"balanced over the labels: {' and '.join(shown)}."]
+
+
 def quality_section(quality: dict[str, Any] | None, runs: dict[str, Any]) -> list[str]:
     """The quality evaluators' figures: each beside the ceiling measured on the corpus itself,
     the codec round trip, the per-label control verdicts, and the MLflow runs behind them."""
@@ -197,6 +210,7 @@ def quality_section(quality: dict[str, Any] | None, runs: dict[str, Any]) -> lis
               "held-out corpus audio bounds what they can credit a model with. The corpus's test split holds "
               "2 of the 9 emotions; the renderings (the same replies' sentences spoken by espeak-ng in every "
               "control asked for) show what the judges credit on all 9."]
+    lines += judges_heldout_line(quality)
     needed = quality.get("working_share", 0.5)
     for kind in ("emotion", "speaker"):
         matrix = quality.get("confusion", {}).get("replies", {}).get(kind)
