@@ -175,3 +175,11 @@ def test_the_emotion_judge_learns_from_renderings_and_is_checked_on_all_controls
     # the speaker judge of the same settings gets the held-out check but no renderings
     speaker = train_classifier(rendered, "speaker", use_mlflow=False)
     assert speaker.metrics["items_train"] == 12 and "accuracy_rendered" in speaker.metrics
+
+
+@pytest.mark.parametrize("key, value", [("emotion.rendered_per_control", -1), ("heldout_per_control", -2)])
+def test_a_negative_rendering_count_is_refused_with_a_clear_error(key: str, value: int) -> None:
+    from core.config import ConfigError, parse_overrides
+
+    with pytest.raises(ConfigError, match=rf"evaluation\.classifier\.{key}: .*must be 0 \(none\) or more"):
+        load_params("smoke", parse_overrides([f"evaluation.classifier.{key}={value}"]), root=REPO)
