@@ -31,7 +31,8 @@ SENTENCES = ("ఈ రోజు వాతావరణం బాగుంది.",
 SPLITS = ("train", "train", "train", "val", "test", "test")  # by sentence: held-out text is unseen
 TINY = {"n_mels": 40, "channels": 24, "batch_size": 8, "max_steps": 150, "lr": 0.004, "crop_seconds": 1.5,
         "seed": 3, "gain_db": 12.0, "heldout_per_control": 0,
-        "emotion": {"noise_snr_db": [10.0, 30.0], "mel_shift": 2.0, "adversary_weight": 0.5, "steps_fraction": 1.0},
+        "emotion": {"noise_snr_db": [10.0, 30.0], "mel_shift": 2.0, "adversary_weight": 0.5, "steps_fraction": 1.0,
+                    "rendered_per_control": 0},
         "speaker": {"noise_snr_db": None, "mel_shift": 0.0, "adversary_weight": 0.0, "steps_fraction": 1.0}}
 
 
