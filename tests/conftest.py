@@ -223,7 +223,8 @@ TINY = {  # a model small enough to train in seconds on the CPU
     "s2s_train": {"batch_size": 2, "log_every": 1, "checkpoint_every": 4, "max_steps": 6, "warmup_steps": 2,
                   "max_turn_frames": 60},
     "evaluation": {"threads": 1, "asr": {"channels": 16, "hidden": 16, "layers": 1, "batch_size": 4, "max_steps": 4},
-                   "classifier": {"channels": 8, "batch_size": 4, "max_steps": 4, "crop_seconds": 0.5},
+                   "classifier": {"channels": 8, "batch_size": 4, "max_steps": 4, "crop_seconds": 0.5,
+                                  "emotion": {"rendered_per_control": 0}},  # tests/test_classifiers.py renders
                    "corpus_items": 2, "reply_inputs": 1, "max_reply_seconds": 0.3, "mos": ["distillmos"]},
 }
 

@@ -31,7 +31,8 @@ SENTENCES = ("ఈ రోజు వాతావరణం బాగుంది.",
 SPLITS = ("train", "train", "train", "val", "test", "test")  # by sentence: held-out text is unseen
 TINY = {"n_mels": 40, "channels": 24, "batch_size": 8, "max_steps": 150, "lr": 0.004, "crop_seconds": 1.5,
         "seed": 3, "gain_db": 12.0, "heldout_per_control": 0,
-        "emotion": {"noise_snr_db": [10.0, 30.0], "mel_shift": 2.0, "adversary_weight": 0.5, "steps_fraction": 1.0},
+        "emotion": {"noise_snr_db": [10.0, 30.0], "mel_shift": 2.0, "adversary_weight": 0.5, "steps_fraction": 1.0,
+                    "rendered_per_control": 0},
         "speaker": {"noise_snr_db": None, "mel_shift": 0.0, "adversary_weight": 0.0, "steps_fraction": 1.0}}
 
 
@@ -175,3 +176,11 @@ def test_the_emotion_judge_learns_from_renderings_and_is_checked_on_all_controls
     # the speaker judge of the same settings gets the held-out check but no renderings
     speaker = train_classifier(rendered, "speaker", use_mlflow=False)
     assert speaker.metrics["items_train"] == 12 and "accuracy_rendered" in speaker.metrics
+
+
+@pytest.mark.parametrize("key, value", [("emotion.rendered_per_control", -1), ("heldout_per_control", -2)])
+def test_a_negative_rendering_count_is_refused_with_a_clear_error(key: str, value: int) -> None:
+    from core.config import ConfigError, parse_overrides
+
+    with pytest.raises(ConfigError, match=rf"evaluation\.classifier\.{key}: .*must be 0 \(none\) or more"):
+        load_params("smoke", parse_overrides([f"evaluation.classifier.{key}={value}"]), root=REPO)

@@ -22,6 +22,21 @@ embedding unlearns it (`adversary_weight`, 0 = off). The speaker classifier need
 level-blind anyway, see models/utterance_classifier.py), and batches are class-balanced: every
 label as often, whatever its count.
 
+Why the renderings (`rendered_per_control`, tasks/evaluation/judge_renderings.py). The
+augmentations only blur the episode; the emotion judge still hears each emotion in one or two
+speaker pairs and a few dozen sentences, and on clean espeak-ng renderings it never recognised
+neutral and confused the two accents. So its train split can also get clips of every (speaker,
+emotion) control, spoken by espeak-ng exactly as the corpus speaks them (the recipe of
+tasks/training/reply_renderings.py, which the S2S model's training also uses on the train
+replies). The judge's clips say only train sentences that no val or test segment speaks, so the
+held-out check (val sentences in all 36 controls, `heldout_per_control`, scored as "rendered") and
+the quality evaluation's ceiling (test replies' sentences) never share a sentence with what the
+judge learnt. What they do share with its training is the voice: the same espeak-ng voices and
+prosody recipe, so the renderings measure the judge on the corpus's way of speaking, not on
+voices it never heard. The S2S model's renderings of the train replies may say sentences the judge
+also heard (both draw on the train split); neither says a val or test sentence, and the judge
+never hears a generated reply.
+
 Read top to bottom: the stamp (corpus, settings, code) that lets a re-run reuse a finished
 classifier, the batches, the step loop (AdamW, warmup + cosine learning rate, tqdm, MLflow), then
 the held-out scoring and the atomic writes (checkpoint, result.json last, then the stamp).
