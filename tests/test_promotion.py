@@ -66,3 +66,18 @@ def test_figures_of_another_judge_get_no_verdict_and_hold_promotion_back() -> No
     assert compare_with_champion(better, CHAMPION, "2", judges, None).promote   # an old champion: unknown judges
     assert judges_from_tags({"evaluator.emotion_run_id": "e1", "evaluator.asr_run_id": "None", "stage": "x"}) == {
         "emotion": "e1"}
+
+
+def test_the_signoff_report_says_not_comparable_when_only_the_judges_differ() -> None:
+    import json
+
+    from tasks.release.signoff import promotion_section
+
+    judges = {"asr": "a1", "emotion": "e1", "speaker": "s1"}
+    other = compare_with_champion(CHAMPION, CHAMPION, "2", judges, {**judges, "emotion": "e0"})
+    text = "\n".join(promotion_section({"promotion": json.dumps(other.to_dict())}))
+    assert "Not comparable: quality.replies.emotion_control of champion version 2 were measured by other" in text
+    assert "| quality.replies.emotion_control | 0.6 | 0.6 | other judge |" in text
+    worse = compare_with_champion({**CHAMPION, "codec.stoi": 0.5}, CHAMPION, "2", judges, {**judges, "emotion": "e0"})
+    assert "\nWorse: worse than champion version 2 on codec.stoi" in "\n".join(
+        promotion_section({"promotion": json.dumps(worse.to_dict())}))

@@ -86,6 +86,10 @@ def judge_training_clips(params: Params, manifest: pd.DataFrame, per_control: in
     """The judge's extra training clips: train-split sentences no val or test segment speaks."""
     by_split = split_sentences(manifest)
     pool = sorted(by_split["train"] - by_split["val"] - by_split["test"])
+    if not pool:
+        print("judge renderings: none, every train sentence is spoken in the val or test split too "
+              "(the judge learns from the corpus alone)", flush=True)
+        return [], []
     plan = plan_clips(pool, per_control, list(params.corpus.noise_snr_db), seed)
     return plan, render_clips(plan, params)
 

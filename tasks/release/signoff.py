@@ -157,6 +157,11 @@ def serving_sections(params: Params, info: dict[str, Any]) -> list[str]:
                                 capacity, inference_cost(params, capacity))]
 
 
+def promotion_headline(decision: dict[str, Any]) -> str:
+    verdicts = {row["verdict"] for row in decision["rows"]}
+    return "Not worse" if decision["promote"] else "Worse" if "worse" in verdicts else "Not comparable"
+
+
 def promotion_section(tags: dict[str, str]) -> list[str]:
     """The candidate against the champion of its day (tasks/release/promotion.py), when recorded."""
     if not tags.get("promotion"):
@@ -165,7 +170,7 @@ def promotion_section(tags: dict[str, str]) -> list[str]:
     if decision.get("champion_version") is None:
         return ["", "## Against the champion", "", "There was no champion when this version was registered."]
     lines = ["", f"## Against the champion (version {decision['champion_version']})", "",
-             f"{'Not worse' if decision['promote'] else 'Worse'}: {decision['reason']}.", "",
+             f"{promotion_headline(decision)}: {decision['reason']}.", "",
              "| figure | this version | champion | verdict |", "|---|---|---|---|"]
     for row in decision["rows"]:
         cells = ["-" if row[k] is None else f"{row[k]:.4g}" for k in ("challenger", "champion")]
