@@ -266,6 +266,7 @@ class S2SDistillConfig(_Section):
     out_dir: Path
     steps: int = 0                    # fine-tuning steps; 0 = off (the S2S run is the model)
     guidance: float = 2.0             # the guidance scale whose distribution the student learns
+    guide_text: bool = True           # False: the text stream learns the conditioned, not the guided, target
     lr: float = 0.0001                # peak of a short warmup + cosine schedule
     checkpoint_every: int = 100
     seed: int = 47
@@ -453,6 +454,7 @@ class ServingConfig(_Section):
 class RegistryConfig(_Section):
     model_name: str
     auto_promote: bool                # champion at once when the gates pass (no sign-off)
+    reevaluate_champion: bool = True  # judged by other judges: evaluate the champion again before comparing
     required_roles: list[Literal["technical_lead", "project_manager", "business_head"]]
 
 

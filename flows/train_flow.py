@@ -1,6 +1,7 @@
 """The train flow: codec -> codec gate -> S2S (tokenizing first; then guidance distilled into it when
 s2s_distill.steps > 0) -> S2S gate -> bundle ->
-quality evaluation -> quality gate -> latency gate -> register.
+quality evaluation -> quality gate -> latency gate -> (the champion evaluated again when other judges
+measured it) -> register.
 
 The gate sequence is tasks/evaluation/gates.py's gate_candidate (the one `s2s gates` runs too);
 the flow runs its steps as Prefect tasks and records each gate in MLflow and Prefect.
@@ -39,6 +40,7 @@ from tasks.evaluation.latency import measure_latency
 from tasks.evaluation.model_quality import evaluate_quality, flat_metrics, quality_markdown
 from tasks.evaluation.sampling_search import choose_sampling
 from tasks.release import candidate, flow_runs
+from tasks.release.champion_judges import reevaluate_champion
 from tasks.release.registry import RegisteredVersion, register_bundle
 from tasks.training import launch
 from tasks.training.distill_guidance import distill_guidance
@@ -110,6 +112,17 @@ def latency_task(params: Params, bundle_dir: Path) -> dict[str, float]:
     return measure_latency(load_bundle_dir(bundle_dir), params)
 
 
+@task(name="reevaluate-champion", cache_policy=NO_CACHE)
+def reevaluate_champion_task(params: Params, judges: dict[str, str], parent_run_id: str) -> dict[str, Any]:
+    """The champion's figures by the candidate's judges, so that promotion compares like with like."""
+    done = reevaluate_champion(params, judges, parent_run_id)
+    if done.get("judges"):
+        get_run_logger().info("champion version %s: %s", done["version"],
+                              "evaluated again by the candidate's judges" if done["reevaluated"]
+                              else f"not evaluated again ({done.get('error')}): promotion is held back")
+    return done
+
+
 @task(name="register", cache_policy=NO_CACHE)
 def register_task(params: Params, bundle_dir: Path, evaluation: dict[str, Any], tags: dict[str, str],
                   parent_run_id: str) -> RegisteredVersion:
@@ -171,6 +184,8 @@ def train_flow(profile: str = "smoke", overrides: dict[str, Any] | None = None,
                                "quality": quality.get("run_id"), **quality["evaluators"]["runs"]}}
         atomic.write_json(bundle / "bundle.json", {**read_meta(bundle), "metrics": metrics,
                                                    "gates": evaluation["gates"]})
+        if params.registry.reevaluate_champion:
+            reevaluate_champion_task(params, quality["evaluators"]["runs"], run_id)
         version = register_task(params, bundle, evaluation, tags, run_id)
     except gates.GateFailed as exc:
         logger.error("candidate refused: %s", exc)

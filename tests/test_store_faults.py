@@ -1,10 +1,12 @@
 """The MLflow stores under faults, fast (the killed and locked cases with real training and flows
 are in tests/test_chaos_stores.py): a version a kill left half-registered is finished by the
-rerun, never registered twice; a SQLite store locked by another process is retried for
+rerun, never registered twice (and new sampling settings on the same weights are a new version); a SQLite store locked by another process is retried for
 mlflow.lock_wait_s, then fails with one line, and a run it could not end is ended by the next."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -21,16 +23,18 @@ EVALUATION = {"gates": {"codec": {"passed": True}, "s2s": {"passed": True}},
 
 def test_a_version_left_half_registered_by_a_kill_is_finished_not_registered_again(project_root: Path,
                                                                                    bundle_dir: Path):
-    """A kill between the version's creation (with its bundle_sha, one transaction) and its other
+    """A kill between the version's creation (with its bundle_sha and sampling, one transaction) and its other
     tags and aliases leaves a bare version: the rerun finds it by the weights and finishes it."""
     from serving.bundle import bundle_sha
-    from tasks.release.registry import mlflow_client, register_bundle
+    from serving.bundle import read_meta
+    from tasks.release.registry import SAMPLING_TAG, mlflow_client, register_bundle, sampling_key
 
     params = load_params("smoke")
     client = mlflow_client(params)
     name = params.registry.model_name
     client.create_registered_model(name)
-    client.create_model_version(name, source=str(bundle_dir), tags={"bundle_sha": bundle_sha(bundle_dir)})
+    client.create_model_version(name, source=str(bundle_dir), tags={"bundle_sha": bundle_sha(bundle_dir),
+                                                                    SAMPLING_TAG: sampling_key(read_meta(bundle_dir))})
 
     version = register_bundle(bundle_dir, params, EVALUATION, {"profile": "smoke"})
     assert version.version == "1" and "challenger" in version.aliases
@@ -98,3 +102,25 @@ def test_a_locked_sqlite_store_is_retried_then_refused_in_one_line_and_the_run_e
     finally:
         while mlflow.active_run() is not None:  # the first run, still on this process's stack
             mlflow.end_run(status="FAILED")
+
+
+def test_new_sampling_settings_on_the_same_weights_are_a_new_version(project_root: Path, bundle_dir: Path,
+                                                                     tmp_path: Path):
+    """Serving samples with the settings a bundle records, so the same weights with another choice
+    (another search, other candidates) register as a new version; the same choice is reused."""
+    from core import atomic
+    from serving.bundle import read_meta
+    from tasks.release.registry import SAMPLING_TAG, mlflow_client, register_bundle
+
+    params = load_params("smoke")
+    first = register_bundle(bundle_dir, params, EVALUATION, {"profile": "smoke"})
+    other = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, other)
+    chosen = {"temperature": 0.3, "top_k": 5, "guidance": 1.0}
+    atomic.write_json(other / "bundle.json", {**read_meta(other), "sampling": {"chosen": chosen}})
+    second = register_bundle(other, params, EVALUATION, {"profile": "smoke"})
+    assert (first.version, second.version) == ("1", "2") and not second.reused
+    tag = mlflow_client(params).get_model_version(params.registry.model_name, "2").tags[SAMPLING_TAG]
+    assert json.loads(tag) == chosen
+    again = register_bundle(other, params, EVALUATION, {"profile": "smoke"})
+    assert again.version == "2" and again.reused

@@ -5,6 +5,8 @@ best trade depends on how far the model trained, so each model gets its own: eve
 makes replies to validation-split user turns (all 9 emotions and 4 speakers, as the quality
 evaluation does), the judges score them, and the candidate with the fewest errors wins, errors
 being intelligibility CER + (1 - speaker control) + (1 - emotion control), each in [0, 1].
+MOS is not a criterion and is not computed: it took three quarters of a candidate's time, which
+now buys more turns (three turns could not tell the settings apart; docs/history.md).
 Choosing among a few decoding settings is model selection, not training: the judges' outputs
 never become a training target.
 """
@@ -44,7 +46,7 @@ def search_sampling(bundle: ModelBundle, params: Params, judges: Judges,
         evaluation = params.evaluation.model_copy(update={k: v for k, v in candidate.items() if k != "guidance"})
         serving = params.serving.model_copy(update={"guidance": candidate.get("guidance", params.serving.guidance)})
         trial = params.model_copy(update={"evaluation": evaluation, "serving": serving})
-        figures, _ = judge(generate_replies(bundle, requests, trial), judges)
+        figures, _ = judge(generate_replies(bundle, requests, trial), judges, mos=False)
         rows.append({"settings": {"temperature": evaluation.temperature, "top_k": evaluation.top_k,
                                   "guidance": serving.guidance},
                      "intelligibility_cer": figures.get("intelligibility_cer"),

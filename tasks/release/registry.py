@@ -70,15 +70,25 @@ def _requirements() -> list[str]:
     return pins
 
 
-def find_version(client: Any, name: str, sha: str) -> Any | None:
-    """The version of `name` holding exactly these weights, if one was registered."""
+def find_version(client: Any, name: str, sha: str, sampling: str) -> Any | None:
+    """The version of `name` holding exactly these weights with these recorded sampling settings
+    (`sampling_key`), if one was registered. The settings are part of what serving does with the
+    weights, so a new choice (another search, other candidates) is a new version; one registered
+    before the `sampling` tag existed has unknown settings and is not reused."""
     try:
         found = client.search_model_versions(f"name = '{name}' and tag.bundle_sha = '{sha}'")
     except Exception:  # the registered model does not exist yet
         return None
+    found = [v for v in found if v.tags.get(SAMPLING_TAG) == sampling]
     return max(found, key=lambda v: int(v.version)) if found else None
 
 
+def sampling_key(meta: dict[str, Any]) -> str:
+    """The sampling settings a bundle records (chosen on the validation split), as the registry's tag."""
+    return json.dumps(recorded_sampling(meta), sort_keys=True)
+
+
+SAMPLING_TAG = "sampling"
 REGISTERED_TAG = "registration"  # "complete" once every tag and alias of a version is set
 
 
@@ -88,15 +98,15 @@ def register_bundle(bundle_dir: Path, params: Params, evaluation: dict[str, Any]
     the version, alias it challenger (and champion when the profile auto-promotes).
 
     Safe against a kill at any point (tests/test_chaos.py): the version is created with its
-    bundle_sha tag in one store transaction, so a rerun always finds it and never registers the
-    same weights twice; its other tags and aliases are set after, and a version a kill left
+    bundle_sha and sampling tags in one store transaction, so a rerun always finds it and never
+    registers the same weights with the same sampling settings twice; its other tags and aliases are set after, and a version a kill left
     without `registration=complete` is finished by the rerun instead of being returned half-tagged."""
     import mlflow
 
     name = params.registry.model_name
     client = mlflow_client(params)
-    sha = bundle_sha(bundle_dir)
-    existing = find_version(client, name, sha)
+    sha, sampling = bundle_sha(bundle_dir), sampling_key(read_meta(bundle_dir))
+    existing = find_version(client, name, sha, sampling)
     if existing is not None:
         current = client.get_model_version(name, existing.version)
         legacy = REGISTERED_TAG not in current.tags and PROMOTION_TAG in current.tags  # registered before the tag
@@ -117,7 +127,8 @@ def register_bundle(bundle_dir: Path, params: Params, evaluation: dict[str, Any]
                                        artifacts={"bundle": str(bundle_dir)}, code_paths=code,
                                        signature=pyfunc_signature(params, recorded_sampling(read_meta(bundle_dir))),
                                        pip_requirements=_requirements())
-        version = str(mlflow.register_model(info.model_uri, name, tags={"bundle_sha": sha}).version)
+        version = str(mlflow.register_model(info.model_uri, name,
+                                            tags={"bundle_sha": sha, SAMPLING_TAG: sampling}).version)
     aliases = _finish_registration(client, params, name, version, sha, evaluation, tags)
     return RegisteredVersion(name, version, aliases, run.info.run_id, reused=False)
 
