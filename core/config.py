@@ -266,7 +266,6 @@ class S2SDistillConfig(_Section):
     out_dir: Path
     steps: int = 0                    # fine-tuning steps; 0 = off (the S2S run is the model)
     guidance: float = 2.0             # the guidance scale whose distribution the student learns
-    guide_text: bool = True           # False: the text stream learns the conditioned, not the guided, target
     lr: float = 0.0001                # peak of a short warmup + cosine schedule
     checkpoint_every: int = 100
     seed: int = 47

@@ -52,11 +52,9 @@ LOG_EVERY = 20
 
 
 def guided_logits(teacher: S2STransformer, inputs: torch.Tensor, speaker: torch.Tensor, emotion: torch.Tensor,
-                  guidance: float, dropped: torch.Tensor | None, guide_text: bool = True) -> torch.Tensor:
+                  guidance: float, dropped: torch.Tensor | None) -> torch.Tensor:
     """The teacher's target logits (B, S, L, W): free + guidance x (conditioned - free) for the
-    conditioned rows, its unconditioned logits for rows dropped to the null condition (`dropped`).
-    Without `guide_text`, a text stream's target stays the conditioned one: the words are the
-    same in every voice, so guiding them only moves what the reply says."""
+    conditioned rows, its unconditioned logits for rows dropped to the null condition (`dropped`)."""
     config = teacher.config
     batch = inputs.shape[0]
     with torch.no_grad():
@@ -65,8 +63,6 @@ def guided_logits(teacher: S2STransformer, inputs: torch.Tensor, speaker: torch.
                        torch.cat([emotion, torch.full_like(emotion, config.null_emotion)])).float()
     conditioned, free = both[:batch], both[batch:]
     guided = free + guidance * (conditioned - free)
-    if config.text_stream and not guide_text:
-        guided[:, 0] = conditioned[:, 0]
     if dropped is not None:
         guided = torch.where(dropped[:, None, None, None], free, guided)
     return guided
@@ -163,7 +159,7 @@ def distill_guidance(params: Params, s2s: S2STrainResult, resume: Resume = False
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, cfg.steps, cfg.lr, max(1, cfg.steps // 20))
             with autocast(device):
-                target_logits = guided_logits(teacher, inputs, speaker, emotion, cfg.guidance, dropped, cfg.guide_text)
+                target_logits = guided_logits(teacher, inputs, speaker, emotion, cfg.guidance, dropped)
                 logits = model(inputs, speaker, emotion)
             loss = distillation_loss(logits, target_logits, targets, config, weights)
             optimizer.zero_grad(set_to_none=True)
