@@ -453,7 +453,7 @@ class ServingConfig(_Section):
 class RegistryConfig(_Section):
     model_name: str
     auto_promote: bool                # champion at once when the gates pass (no sign-off)
-    reevaluate_champion: bool = True  # judged by other judges: evaluate the champion again before comparing
+    reevaluate_champion: bool         # judged by other judges: evaluate the champion again before comparing
     required_roles: list[Literal["technical_lead", "project_manager", "business_head"]]
 
 

@@ -15,12 +15,12 @@ NEW = {"asr": "asr-old", "emotion": "emo-new", "speaker": "spk-old"}
 EVALUATION = {"gates": {"codec": {"passed": True}}, "metrics": {"quality": {"replies.emotion_control": 0.30}}}
 
 
-def test_judged_otherwise_counts_only_judges_known_on_both_sides() -> None:
-    from tasks.release.champion_judges import judged_otherwise
+def test_other_judges_counts_only_judges_known_on_both_sides() -> None:
+    from tasks.release.promotion import other_judges
 
-    assert judged_otherwise(OLD, NEW) == ["emotion"]
-    assert judged_otherwise(OLD, OLD) == []
-    assert judged_otherwise({}, NEW) == [] and judged_otherwise(OLD, {"emotion": ""}) == []
+    assert other_judges(OLD, NEW) == ["emotion"]
+    assert other_judges(OLD, OLD) == []
+    assert other_judges({}, NEW) == [] and other_judges(OLD, {"emotion": ""}) == []
 
 
 @pytest.fixture

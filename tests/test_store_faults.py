@@ -1,7 +1,8 @@
 """The MLflow stores under faults, fast (the killed and locked cases with real training and flows
 are in tests/test_chaos_stores.py): a version a kill left half-registered is finished by the
-rerun, never registered twice (and new sampling settings on the same weights are a new version); a SQLite store locked by another process is retried for
-mlflow.lock_wait_s, then fails with one line, and a run it could not end is ended by the next."""
+rerun, never registered twice (new sampling settings on the same weights are a new version); a
+SQLite store locked by another process is retried for mlflow.lock_wait_s, then fails with one
+line, and a run it could not end is ended by the next."""
 
 from __future__ import annotations
 
@@ -23,10 +24,9 @@ EVALUATION = {"gates": {"codec": {"passed": True}, "s2s": {"passed": True}},
 
 def test_a_version_left_half_registered_by_a_kill_is_finished_not_registered_again(project_root: Path,
                                                                                    bundle_dir: Path):
-    """A kill between the version's creation (with its bundle_sha and sampling, one transaction) and its other
-    tags and aliases leaves a bare version: the rerun finds it by the weights and finishes it."""
-    from serving.bundle import bundle_sha
-    from serving.bundle import read_meta
+    """A kill between the version's creation (with its bundle_sha and sampling, one transaction)
+    and its other tags and aliases leaves a bare version: the rerun finds it and finishes it."""
+    from serving.bundle import bundle_sha, read_meta
     from tasks.release.registry import SAMPLING_TAG, mlflow_client, register_bundle, sampling_key
 
     params = load_params("smoke")

@@ -18,17 +18,10 @@ from core.config import Params
 from core.tracking import tracking_uri
 from serving.bundle import bundle_sha, download_bundle, load_bundle_dir
 from tasks.evaluation.model_quality import evaluate_quality, record_on_version
-from tasks.release.promotion import JUDGE_OF, judges_from_tags
+from tasks.release.promotion import judges_from_tags, other_judges
 from tasks.release.registry import CHAMPION, mlflow_client
 
 log = logging.getLogger(__name__)
-
-
-def judged_otherwise(champion_judges: dict[str, str], judges: dict[str, str]) -> list[str]:
-    """The judges (of those promotion compares figures by) whose weights differ between the two
-    sides, sorted; a judge unknown on either side is not counted (promotion does not either)."""
-    return sorted(j for j in set(JUDGE_OF.values())
-                  if champion_judges.get(j) and judges.get(j) and champion_judges[j] != judges[j])
 
 
 def reevaluate_champion(params: Params, judges: dict[str, str], parent_run_id: str | None = None) -> dict[str, Any]:
@@ -45,7 +38,7 @@ def reevaluate_champion(params: Params, judges: dict[str, str], parent_run_id: s
     except MlflowException:  # no champion yet: nothing to compare with
         return {"version": None, "judges": [], "reevaluated": False}
     version = str(champion.version)
-    differ = judged_otherwise(judges_from_tags(champion.tags), judges)
+    differ = other_judges(judges, judges_from_tags(champion.tags))
     if not differ:
         return {"version": version, "judges": [], "reevaluated": False}
     log.info("champion version %s was measured by other %s judges: evaluating it again with the candidate's",

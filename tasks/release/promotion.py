@@ -106,16 +106,17 @@ def compare_with_champion(challenger: dict[str, float], champion: dict[str, floa
     known on both sides and different makes its figures "other judge"."""
     if champion is None:
         return PromotionDecision(None, ())
-
-    def same_judge(metric: str) -> bool:
-        judge = JUDGE_OF.get(metric)
-        mine, theirs = (challenger_judges or {}).get(judge), (champion_judges or {}).get(judge)
-        return judge is None or mine is None or theirs is None or mine == theirs
-
+    differ = other_judges(challenger_judges or {}, champion_judges or {})
     return PromotionDecision(champion_version, tuple(
         FigureComparison(metric, challenger.get(metric), champion.get(metric), higher,
-                         max(tolerance, one_reply(metric, challenger, champion)), same_judge(metric))
+                         max(tolerance, one_reply(metric, challenger, champion)), JUDGE_OF.get(metric) not in differ)
         for metric, higher, tolerance in PROMOTION_FIGURES))
+
+
+def other_judges(mine: dict[str, str], theirs: dict[str, str]) -> list[str]:
+    """The judges of JUDGE_OF whose weights differ between two sides ({"asr": run id, ...}),
+    sorted; a judge unknown on either side is not counted."""
+    return sorted(j for j in set(JUDGE_OF.values()) if mine.get(j) and theirs.get(j) and mine[j] != theirs[j])
 
 
 def judges_from_tags(tags: dict[str, str]) -> dict[str, str]:
