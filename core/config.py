@@ -407,6 +407,7 @@ class EvaluationConfig(_Section):
     classifier: ClassifierConfig
     corpus_items: int                 # held-out (test split) segments scored for the ceilings
     reply_inputs: int                 # test-split user turns replies are generated for
+    reply_draws: int                  # times each reply is sampled: the figures pool them, the report gives the spread
     temperature: float
     top_k: int | None
     max_reply_seconds: float
@@ -414,6 +415,13 @@ class EvaluationConfig(_Section):
     sampling_candidates: list[dict[str, float | int | None]] = []  # searched on the val split (tasks/evaluation/sampling_search.py)
     sampling_inputs: int = 2          # validation user turns per candidate (x 12 voices)
     mos: list[Literal["dnsmos", "distillmos"]]
+
+    @field_validator("reply_draws")
+    @classmethod
+    def _at_least_one(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1 (one sample of each reply)")
+        return value
 
 
 class LatencyConfig(_Section):

@@ -68,6 +68,7 @@ class Clip:
     emotion: str
     judged_for: tuple[str, ...] = ("emotion", "speaker")  # which control figures this clip counts in
     said: str = ""   # a reply's own text (a model with a text stream): what intelligibility is judged against
+    draw: int = 0    # which sample of the same reply this is (evaluation.reply_draws)
 
 
 @dataclass(frozen=True)
@@ -205,9 +206,10 @@ def conditions_for(request: ReplyRequest) -> list[tuple[str, str, tuple[str, ...
 
 
 @torch.inference_mode()
-def generate_replies(bundle: ModelBundle, requests: list[ReplyRequest], params: Params) -> list[Clip]:
+def generate_replies(bundle: ModelBundle, requests: list[ReplyRequest], params: Params, draws: int = 1) -> list[Clip]:
     """Replies to every request under every condition, batched per request (one user turn, 12
-    voices). A row ends at its first PAD frame (EOS); each row is decoded on its own."""
+    voices), `draws` times over (one generator, so draw 0 is the same with any `draws`). A row
+    ends at its first PAD frame (EOS); each row is decoded on its own."""
     cfg = params.evaluation
     settings = GenerationSettings(cfg.temperature, cfg.top_k, cfg.max_reply_seconds,
                                   params.serving.max_utterance_seconds, params.serving.min_reply_seconds,
@@ -215,7 +217,7 @@ def generate_replies(bundle: ModelBundle, requests: list[ReplyRequest], params: 
     codec, model = bundle.codec, bundle.s2s
     generator = torch.Generator().manual_seed(params.evaluation.asr.seed)
     replies: list[Clip] = []
-    for request in tqdm(requests, desc="generate replies", unit="turn"):
+    for draw, request in tqdm([(d, r) for d in range(draws) for r in requests], desc="generate replies", unit="turn"):
         conditions = conditions_for(request)
         user = codec.encode(torch.from_numpy(request.user_audio)[None, None])
         max_frames, room, min_frames = reply_budget(settings, codec.frame_rate, model.config)
@@ -232,7 +234,7 @@ def generate_replies(bundle: ModelBundle, requests: list[ReplyRequest], params: 
             text = request.reply_text if emo == request.reply_emotion else ""  # the corpus reply says this
             said = (model.config.spoken_text([int(step.text[row]) for step in steps[:length]])
                     if model.config.text_stream else "")
-            replies.append(Clip(np.ascontiguousarray(audio), text, spk, emo, sweeps, said))
+            replies.append(Clip(np.ascontiguousarray(audio), text, spk, emo, sweeps, said, draw))
     return replies
 
 
@@ -259,8 +261,10 @@ def add_control_figures(figures: dict[str, float], matrices: dict[str, Any], wor
     """A set judged over the control sweeps: accuracy becomes control, plus the labels working."""
     if not matrices:
         return
-    figures["emotion_control"] = figures.pop("emotion_accuracy")
-    figures["speaker_control"] = figures.pop("speaker_accuracy")
+    for kind in ("emotion", "speaker"):
+        for suffix in ("", "_min", "_max"):
+            if f"{kind}_accuracy{suffix}" in figures:
+                figures[f"{kind}_control{suffix}"] = figures.pop(f"{kind}_accuracy{suffix}")
     figures["emotions_working"] = float(len(working_labels(matrices["emotion"], EMOTIONS, working_share)))
     figures["speakers_working"] = float(len(working_labels(matrices["speaker"], SPEAKERS, working_share)))
 
@@ -287,13 +291,16 @@ def per_label_precision(matrix: list[list[int]], labels: tuple[str, ...]) -> dic
 
 def judge(clips: list[Clip], judges: Judges, mos: bool = True) -> tuple[dict[str, float], dict[str, Any]]:
     """MOS (unless `mos` is false), CER, emotion and speaker accuracy of one set; and its
-    confusion matrices."""
+    confusion matrices. Clips from several draws are pooled, and each figure's range over the
+    draws is added as `<figure>_min` / `<figure>_max` (from the same judgements, no extra pass)."""
     from models.asr import cer
 
     scorable = [c for c in clips if len(c.audio) >= 0.25 * 16000]
     figures: dict[str, float] = {"items": float(len(clips)), "too_short": float(len(clips) - len(scorable))}
     if not scorable:
         return figures, {}
+    draws = sorted({c.draw for c in scorable})
+    by_draw: dict[str, list[float]] = {}
     audio = [np.clip(c.audio, -1.0, 1.0) for c in scorable]
     if mos:
         figures |= judges.mos.score(audio)
@@ -303,19 +310,28 @@ def judge(clips: list[Clip], judges: Judges, mos: bool = True) -> tuple[dict[str
     if with_text:
         figures["cer"] = cer([h for h, _ in with_text], [t for _, t in with_text])
         figures["telugu_accuracy"] = max(0.0, 1.0 - figures["cer"])
-    with_said = [(h, c.said) for h, (_, c) in zip(hyps, heard) if c.said]
+    with_said = [(h, c.said, c.draw) for h, (_, c) in zip(hyps, heard) if c.said]
     if with_said:  # the reply against its own text: intelligibility
-        figures["intelligibility_cer"] = cer([h for h, _ in with_said], [t for _, t in with_said])
+        figures["intelligibility_cer"] = cer([h for h, _, _ in with_said], [t for _, t, _ in with_said])
         figures["intelligibility"] = max(0.0, 1.0 - figures["intelligibility_cer"])
+        by_draw["intelligibility_cer"] = [cer([h for h, _, n in with_said if n == d], [t for _, t, n in with_said if n == d])
+                                          for d in draws if any(n == d for *_, n in with_said)]
     matrices = {}
     for kind, judge_of, labels in (("emotion", judges.emotion, EMOTIONS), ("speaker", judges.speaker, SPEAKERS)):
-        judged = [(a, getattr(c, kind)) for a, c in zip(audio, scorable) if kind in c.judged_for]
+        judged = [(a, getattr(c, kind), c.draw) for a, c in zip(audio, scorable) if kind in c.judged_for]
         if not judged:
             continue
-        predicted = judge_of.predict([a for a, _ in judged])
-        figures[f"{kind}_accuracy"] = float(np.mean([p == t for p, (_, t) in zip(predicted, judged)]))
+        predicted = judge_of.predict([a for a, _, _ in judged])
+        right = [(p == t, d) for p, (_, t, d) in zip(predicted, judged)]
+        figures[f"{kind}_accuracy"] = float(np.mean([r for r, _ in right]))
         figures[f"{kind}_judged"] = float(len(judged))  # the share's count: one reply's weight in promotion
-        matrices[kind] = confusion([t for _, t in judged], predicted, labels)
+        by_draw[f"{kind}_accuracy"] = [float(np.mean([r for r, n in right if n == d]))
+                                       for d in draws if any(n == d for _, n in right)]
+        matrices[kind] = confusion([t for _, t, _ in judged], predicted, labels)
+    if len(draws) > 1:
+        figures["draws"] = float(len(draws))
+        for key, values in by_draw.items():
+            figures[f"{key}_min"], figures[f"{key}_max"] = min(values), max(values)
     return figures, matrices
 
 
@@ -357,7 +373,7 @@ def evaluate_quality(bundle: ModelBundle, params: Params, bundle_id: str, parent
         sets["corpus"], matrices["corpus"] = judge(corpus, judges)
         sets["codec_roundtrip"], matrices["codec_roundtrip"] = judge(codec_roundtrip(bundle, corpus), judges)
         requests = reply_requests(params, cfg.reply_inputs)
-        replies = generate_replies(bundle, requests, params)
+        replies = generate_replies(bundle, requests, params, cfg.reply_draws)
         sets["replies"], matrices["replies"] = judge(replies, judges)
         sets["rendered"], matrices["rendered"] = judge(rendered_clips(params, requests), judges, mos=False)
     for name in CONTROL_SETS:
@@ -470,10 +486,27 @@ def working_sentence(report: dict[str, Any]) -> str:
             "the 4-speaker sweep.")
 
 
+def draws_sentence(report: dict[str, Any]) -> str:
+    """How many times each reply was sampled, and how far one draw's figures stray from another's
+    ("" for a single draw): the pooled figures above are what a reviewer should compare."""
+    replies = report["sets"].get("replies", {})
+    if "draws" not in replies:
+        return ""
+    ranges = [f"{label} {fmt.format(replies[key + '_min'])} to {fmt.format(replies[key + '_max'])}"
+              for key, label, fmt in (("intelligibility_cer", "intelligibility CER", "{:.3f}"),
+                                      ("emotion_control", "emotion control", "{:.1%}"),
+                                      ("speaker_control", "speaker control", "{:.1%}"))
+              if key + "_min" in replies]
+    return (f"Each reply was sampled {int(replies['draws'])} times and the figures pool the draws; "
+            f"one draw alone gives {', '.join(ranges)}.")
+
+
 def quality_markdown(report: dict[str, Any]) -> str:
     lines = ["| figure | " + " | ".join(SET_TITLES) + " |", "|---|" + "---|" * len(SET_TITLES)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(report)]
     lines += ["", working_sentence(report)]
+    if draws := draws_sentence(report):
+        lines += ["", draws]
     for name, title in (("replies", "Replies"), ("rendered", "Renderings (the judges' ceiling)")):
         for kind in ("emotion", "speaker"):
             matrix = report["confusion"].get(name, {}).get(kind)

@@ -71,7 +71,7 @@ def choose_sampling(bundle_dir: Path, params: Params, parent_run_id: str | None 
     with torch_threads(cfg.threads):
         judges = load_judges(params, parent_run_id, use_mlflow)
         stamp = {"candidates": cfg.sampling_candidates, "inputs": cfg.sampling_inputs, "judges": judges.checkpoints,
-                 "evaluation": cfg.model_dump(mode="json", exclude={"temperature", "top_k"})}
+                 "evaluation": cfg.model_dump(mode="json", exclude={"temperature", "top_k", "reply_draws"})}
         stored = json.loads(out.read_text()) if out.is_file() else {}
         if stored.get("stamp") != json.loads(json.dumps(stamp, default=str)):
             stored = {**search_sampling(load_bundle_dir(bundle_dir), params, judges, cfg.sampling_candidates,

@@ -16,7 +16,7 @@ from typing import Any
 
 from core import atomic
 from core.config import Params
-from tasks.evaluation.model_quality import per_label_precision, per_label_recall, working_labels
+from tasks.evaluation.model_quality import draws_sentence, per_label_precision, per_label_recall, working_labels
 from tasks.release.comparison import comparison_section
 from tasks.release.inference_cost import cost_section, inference_cost, measured_capacity
 from tasks.release.registry import CHAMPION, mlflow_client, promote, version_info
@@ -216,6 +216,8 @@ def quality_section(quality: dict[str, Any] | None, runs: dict[str, Any]) -> lis
               "2 of the 9 emotions; the renderings (the same replies' sentences spoken by espeak-ng in every "
               "control asked for) show what the judges credit on all 9."]
     lines += judges_heldout_line(quality)
+    if draws := draws_sentence(quality):
+        lines += ["", draws]
     needed = quality.get("working_share", 0.5)
     for kind in ("emotion", "speaker"):
         matrix = quality.get("confusion", {}).get("replies", {}).get(kind)
