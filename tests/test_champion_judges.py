@@ -75,3 +75,35 @@ def test_no_champion_means_nothing_to_evaluate(project_root: Path) -> None:
     from tasks.release.champion_judges import reevaluate_champion
 
     assert reevaluate_champion(load_params("smoke"), NEW) == {"version": None, "judges": [], "reevaluated": False}
+
+
+
+def test_a_rerun_that_evaluates_a_registered_model_again_updates_its_figures(champion, bundle_dir: Path,
+                                                                            tmp_path: Path) -> None:
+    """The same weights and sampling registered again with a newer evaluation (more draws, other
+    judges): the version is reused, and its tags, promotion's figures and its sign-off report
+    now read the newer evaluation, not the one made when it was registered."""
+    import json
+
+    from tasks.release.promotion import figures_from_tags, judges_from_tags
+    from tasks.release.registry import register_bundle, version_info
+
+    params, client = champion
+    experiment = client.get_experiment_by_name(params.mlflow.experiment)
+    run_id = client.create_run(experiment.experiment_id, run_name="quality").info.run_id
+    report = {"sets": {"replies": {"emotion_control": 0.62, "draws": 3.0}}, "confusion": {}, "labels": {},
+              "working_share": 0.5, "evaluators": {"runs": NEW}}
+    (tmp_path / "quality.json").write_text(json.dumps(report))
+    client.log_artifact(run_id, str(tmp_path / "quality.json"))
+    newer = {**EVALUATION, "metrics": {"quality": {"replies.emotion_control": 0.62}}, "quality": report,
+             "runs": {"quality": run_id}}
+    version = register_bundle(bundle_dir, params, newer, {"profile": "smoke", "quality_run_id": run_id})
+    assert version.reused and version.version == "1"
+    tags = client.get_model_version("telugu-s2s", "1").tags
+    assert tags["quality_run_id"] == run_id and judges_from_tags(tags) == NEW
+    assert figures_from_tags(tags)["quality.replies.emotion_control"] == pytest.approx(0.62)
+    info = version_info(client, "telugu-s2s", "1")
+    assert info["evaluation"]["quality"]["sets"]["replies"]["draws"] == 3.0
+    assert info["evaluation"]["metrics"]["quality"]["replies.emotion_control"] == pytest.approx(0.62)
+    again = register_bundle(bundle_dir, params, newer, {"profile": "smoke", "quality_run_id": run_id})
+    assert again.reused and client.get_model_version("telugu-s2s", "1").tags == tags, "nothing newer: nothing changes"

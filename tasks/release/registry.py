@@ -111,6 +111,7 @@ def register_bundle(bundle_dir: Path, params: Params, evaluation: dict[str, Any]
         current = client.get_model_version(name, existing.version)
         legacy = REGISTERED_TAG not in current.tags and PROMOTION_TAG in current.tags  # registered before the tag
         if current.tags.get(REGISTERED_TAG) == "complete" or legacy:
+            record_newer_quality(params, str(current.version), dict(current.tags), evaluation)
             return RegisteredVersion(name, str(current.version), list(current.aliases or []), current.run_id,
                                      reused=True)
         aliases = _finish_registration(client, params, name, str(current.version), sha, evaluation, tags)
@@ -250,6 +251,20 @@ def rollback(client: Any, name: str, version: str, why: str) -> str | None:
     return current
 
 
+def record_newer_quality(params: Params, version: str, version_tags: dict[str, str],
+                         evaluation: dict[str, Any]) -> bool:
+    """The same weights and sampling evaluated again (other judges, more draws): the version's
+    figures become this evaluation's, so promotion and its sign-off report read the latest
+    measurement rather than the one made when it was registered. True when the tags changed."""
+    run_id = str((evaluation.get("runs") or {}).get("quality"))
+    if "quality" not in evaluation or run_id == "None" or version_tags.get("quality_run_id") == run_id:
+        return False
+    from tasks.evaluation.model_quality import record_on_version
+
+    record_on_version(params, version, {**evaluation["quality"], "run_id": run_id})
+    return True
+
+
 def version_info(client: Any, name: str, version: str) -> dict[str, Any]:
     """A version's tags, aliases, run and evaluation.json: what the sign-off report shows."""
     mv = client.get_model_version(name, version)
@@ -259,14 +274,18 @@ def version_info(client: Any, name: str, version: str) -> dict[str, Any]:
         evaluation = json.loads(Path(path).read_text())
     except Exception:  # an older version without the artifact: the tags still say enough
         evaluation = {}
-    if "quality" not in evaluation and mv.tags.get("quality_run_id", "None") != "None":
-        try:  # measured after registration by `s2s eval`
-            path = client.download_artifacts(mv.tags["quality_run_id"], "quality.json",
-                                             tempfile.mkdtemp(prefix="s2s-quality-"))
+    latest = mv.tags.get("quality_run_id", "None")
+    if latest != "None" and str((evaluation.get("runs") or {}).get("quality")) != latest:
+        try:  # measured after registration (`s2s eval`, the champion's re-evaluation, a rerun): the latest wins
+            from tasks.evaluation.model_quality import flat_metrics
+
+            path = client.download_artifacts(latest, "quality.json", tempfile.mkdtemp(prefix="s2s-quality-"))
             evaluation["quality"] = json.loads(Path(path).read_text())
-            evaluation.setdefault("runs", {})["quality"] = mv.tags["quality_run_id"]
-        except Exception:  # the run or its artifact is gone: the quality.* tags still say enough
-            pass
+            evaluation.setdefault("runs", {})["quality"] = latest
+            evaluation.setdefault("metrics", {})["quality"] = flat_metrics(evaluation["quality"])
+        except Exception:  # the run or its artifact is gone: the quality.* tags (the latest) still say enough
+            evaluation.pop("quality", None)
+            evaluation.get("metrics", {}).pop("quality", None)
     aliases = [a for a, v in (client.get_registered_model(name).aliases or {}).items() if str(v) == str(version)]
     return {"name": name, "version": str(version), "tags": dict(mv.tags), "run_id": mv.run_id, "aliases": aliases,
             "created": mv.creation_timestamp, "evaluation": evaluation}
