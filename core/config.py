@@ -162,6 +162,14 @@ class MelCodecSection(_Section):
     vocoder_dim: int
     vocoder_layers: int
     vocoder_kernel: int
+    quantizer_weighting: float        # k-means in per-bin std^p units of the normalised mel (0: z-scores)
+
+    @field_validator("quantizer_weighting")
+    @classmethod
+    def _not_negative(cls, value: float) -> float:
+        if value < 0:
+            raise ValueError("must be 0 (z-scores) or more (1: log-mel units)")
+        return value
 
 
 class CodecModelConfig(_Section):

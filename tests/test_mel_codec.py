@@ -23,9 +23,9 @@ def _fitted(seed: int = 0, **overrides) -> MelCodec:
     return codec
 
 
-@pytest.mark.parametrize("vocoder_n_fft", [640, 1024])
-def test_streaming_encode_and_decode_equal_offline(vocoder_n_fft: int) -> None:
-    codec = _fitted(vocoder_n_fft=vocoder_n_fft)
+@pytest.mark.parametrize("vocoder_n_fft, weighting", [(640, 0.0), (1024, 0.0), (640, 1.0)])
+def test_streaming_encode_and_decode_equal_offline(vocoder_n_fft: int, weighting: float) -> None:
+    codec = _fitted(vocoder_n_fft=vocoder_n_fft, quantizer_weighting=weighting)
     wav = torch.randn(3, 1, 320 * 25) * 0.1
     codes = codec.encode(wav)
     state, pieces = codec.init_encoder_state(3), []
@@ -71,6 +71,29 @@ def test_quantizer_error_falls_with_every_codebook_and_kmeans_finds_clusters() -
         kmeans(points[:10], 16, 3, torch.Generator())
 
 
+def test_quantizer_weighting_spends_the_codes_where_the_log_mel_varies() -> None:
+    """quantizer_weighting 1: k-means measures its error in log-mel units, so bins whose level
+    varies most (the formants) are coded more finely than in the normalised mel's z-scores, where
+    a bin that hardly moves counts the same. 0 is the plain normalised mel, exactly."""
+    torch.manual_seed(0)
+    frames = torch.randn(3000, 80)                       # normalised mel: every bin std 1
+    std = torch.cat([torch.full((40,), 4.0), torch.full((40,), 0.25)])  # raw spread per bin
+    errors = {}
+    for weighting in (0.0, 1.0):
+        codec = MelCodec(MelCodecConfig(**{**SMALL, "quantizer_weighting": weighting}))
+        codec.mel_std.copy_(std)
+        codec.fit_quantizer(frames, iterations=5)
+        coded = codec.dequantize(codec.quantize(frames.t()[None]))[0].t()
+        errors[weighting] = float(((coded - frames) * std).pow(2).mean())   # in log-mel units
+        if weighting == 0.0:
+            assert torch.equal(codec.quantize(frames.t()[None]), codec.quantizer.encode(frames.t()[None]))
+            assert torch.equal(codec.quantizer_scale(), torch.ones(80))
+    assert errors[1.0] < 0.9 * errors[0.0]
+    with pytest.raises(ValueError, match="quantizer_weighting"):
+        from core.config import load_params
+        load_params("smoke", {"codec": {"mel": {"quantizer_weighting": -1.0}}})
+
+
 def test_checkpoint_round_trip_and_kind_dispatch() -> None:
     codec = _fitted()
     config = codec.config_dict()
@@ -107,15 +130,15 @@ def test_digital_silence_codes_as_the_corpus_quietest_level() -> None:
     assert (codec.mel_floor > -11).all()   # lifted from the front end's log(1e-5) to the fitted floor
 
 
-@pytest.mark.parametrize("vocoder_n_fft", [640, 1024])
-def test_onnx_streaming_decode_equals_offline_decode(vocoder_n_fft: int) -> None:
+@pytest.mark.parametrize("vocoder_n_fft, weighting", [(640, 0.0), (1024, 1.0)])
+def test_onnx_streaming_decode_equals_offline_decode(vocoder_n_fft: int, weighting: float) -> None:
     """The v2 decoder on ONNX Runtime (inverse FFT as two matrix products) gives decode's samples,
     one live stream (static shapes) and many sessions (dynamic batch) alike."""
     import numpy as np
 
     from models.codec_onnx import OnnxStreamingDecoder
 
-    codec = _fitted(vocoder_n_fft=vocoder_n_fft)
+    codec = _fitted(vocoder_n_fft=vocoder_n_fft, quantizer_weighting=weighting)
     codes = torch.randint(0, 16, (3, 4, 8), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         full = codec.decode(codes).numpy()

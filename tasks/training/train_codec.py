@@ -183,7 +183,7 @@ def mel_losses(net: torch.nn.Module, model: MelCodec, batch: torch.Tensor, gains
     itself at the codec's delay; spectral losses only (a vocoder chooses its own phase)."""
     batch = (batch * gains.to(batch.device)).clamp(-1, 1)
     with torch.no_grad():
-        mel = model.quantizer.decode(model.encode(batch))
+        mel = model.dequantize(model.encode(batch))
     with autocast(device):
         audio = net(mel)
     delay = model.delay_samples
