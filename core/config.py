@@ -13,10 +13,10 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 
 class ConfigError(ValueError):
@@ -162,14 +162,7 @@ class MelCodecSection(_Section):
     vocoder_dim: int
     vocoder_layers: int
     vocoder_kernel: int
-    quantizer_weighting: float        # k-means in per-bin std^p units of the normalised mel (0: z-scores)
-
-    @field_validator("quantizer_weighting")
-    @classmethod
-    def _not_negative(cls, value: float) -> float:
-        if value < 0:
-            raise ValueError("must be 0 (z-scores) or more (1: log-mel units)")
-        return value
+    quantizer_weighting: Annotated[float, Field(ge=0)]  # k-means in per-bin std^p units of the normalised mel (0: z-scores)
 
 
 class CodecModelConfig(_Section):
@@ -415,7 +408,7 @@ class EvaluationConfig(_Section):
     classifier: ClassifierConfig
     corpus_items: int                 # held-out (test split) segments scored for the ceilings
     reply_inputs: int                 # test-split user turns replies are generated for
-    reply_draws: int                  # times each reply is sampled: the figures pool them, the report gives the spread
+    reply_draws: Annotated[int, Field(ge=1)]  # times each reply is sampled: the figures pool them, the report gives the spread
     temperature: float
     top_k: int | None
     max_reply_seconds: float
@@ -423,13 +416,6 @@ class EvaluationConfig(_Section):
     sampling_candidates: list[dict[str, float | int | None]] = []  # searched on the val split (tasks/evaluation/sampling_search.py)
     sampling_inputs: int = 2          # validation user turns per candidate (x 12 voices)
     mos: list[Literal["dnsmos", "distillmos"]]
-
-    @field_validator("reply_draws")
-    @classmethod
-    def _at_least_one(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError("must be at least 1 (one sample of each reply)")
-        return value
 
 
 class LatencyConfig(_Section):

@@ -52,6 +52,23 @@ def test_attach_text_reads_each_sources_transcript(tmp_path: Path):
         attach_text(rows[:1], broken, tmp_path / "sources.yaml")
 
 
+class _FakeJudge:
+    """Every judge at once: hears "అమ్మ", scores DNSMOS 2.0, recognises every clip as neutral."""
+
+    def transcribe(self, clips):
+        return ["అమ్మ"] * len(clips)
+
+    def score(self, audio):
+        return {"dnsmos_p808": 2.0}
+
+    def predict(self, clips):
+        return ["neutral"] * len(clips)
+
+
+def _fake_judges() -> Judges:
+    return Judges(_FakeJudge(), _FakeJudge(), _FakeJudge(), _FakeJudge())
+
+
 def _report(control: float = 0.5) -> dict:
     """A quality report as evaluate_quality writes it: replies for 2 emotions and 2 speakers."""
     emotion = [[0] * len(EMOTIONS) for _ in EMOTIONS]
@@ -135,24 +152,14 @@ def test_intelligibility_is_the_cer_against_what_the_reply_says_it_spoke():
     CER against the corpus's reply stays, labelled appropriateness in the report."""
     import numpy as np
 
-    class Fake:
-        def transcribe(self, clips):
-            return ["అమ్మ"] * len(clips)
-
-        def score(self, audio):
-            return {"dnsmos_p808": 2.0}
-
-        def predict(self, clips):
-            return ["neutral"] * len(clips)
-
     audio = np.zeros(8000, dtype=np.float32)
     replies = [Clip(audio, "నాన్న", "male_young", "neutral", (), said="అమ్మ"),
                Clip(audio, "", "male_young", "happy", (), said="అమ్మా")]
-    figures, _ = judge(replies, Judges(Fake(), Fake(), Fake(), Fake()))
+    figures, _ = judge(replies, _fake_judges())
     assert figures["intelligibility_cer"] == pytest.approx(1 / 9) and figures["cer"] == pytest.approx(4 / 5)
-    plain, _ = judge([Clip(audio, "నాన్న", "male_young", "neutral", ())], Judges(Fake(), Fake(), Fake(), Fake()))
+    plain, _ = judge([Clip(audio, "నాన్న", "male_young", "neutral", ())], _fake_judges())
     assert "intelligibility_cer" not in plain, "no text stream: no intelligibility"
-    unscored, _ = judge(replies, Judges(Fake(), Fake(), Fake(), Fake()), mos=False)  # the renderings' way
+    unscored, _ = judge(replies, _fake_judges(), mos=False)  # the renderings' way
     assert "dnsmos_p808" not in unscored and unscored["intelligibility_cer"] == figures["intelligibility_cer"]
     report = _report()
     assert "appropriateness" not in quality_markdown(report)
@@ -229,22 +236,12 @@ def test_replies_drawn_several_times_are_pooled_and_each_draws_range_is_reported
 
     from tasks.evaluation.model_quality import add_control_figures
 
-    class Fake:
-        def transcribe(self, clips):
-            return ["అమ్మ"] * len(clips)
-
-        def score(self, audio):
-            return {"dnsmos_p808": 2.0}
-
-        def predict(self, clips):
-            return ["neutral"] * len(clips)
-
     audio = np.zeros(8000, dtype=np.float32)
     replies = [Clip(audio, "", "male_young", "neutral", ("emotion", "speaker"), said="అమ్మ", draw=0),   # CER 0
                Clip(audio, "", "male_young", "happy", ("emotion", "speaker"), said="అమ్మా", draw=0),   # 1/5
                Clip(audio, "", "male_young", "neutral", ("emotion", "speaker"), said="నాన్న", draw=1),  # 4/5
                Clip(audio, "", "male_young", "neutral", ("emotion", "speaker"), said="అమ్మ", draw=1)]   # 0
-    figures, matrices = judge(replies, Judges(Fake(), Fake(), Fake(), Fake()))
+    figures, matrices = judge(replies, _fake_judges())
     assert figures["draws"] == 2 and figures["items"] == 4
     assert figures["intelligibility_cer"] == pytest.approx(5 / 18)  # pooled over the 18 characters said
     assert (figures["intelligibility_cer_min"], figures["intelligibility_cer_max"]) == pytest.approx((1 / 9, 4 / 9))
@@ -254,7 +251,7 @@ def test_replies_drawn_several_times_are_pooled_and_each_draws_range_is_reported
     add_control_figures(figures, matrices, 0.5)
     assert (figures["emotion_control"], figures["emotion_control_min"], figures["emotion_control_max"]) == (0.75, 0.5, 1.0)
     assert "emotion_accuracy_min" not in figures and figures["speaker_control_max"] == 0.0  # the fake hears no speaker
-    single, _ = judge(replies[:2], Judges(Fake(), Fake(), Fake(), Fake()))
+    single, _ = judge(replies[:2], _fake_judges())
     assert "draws" not in single and "intelligibility_cer_min" not in single, "one draw: nothing to range over"
 
     report = _report()
