@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from core.config import ConfigError, find_root, load_params, parse_overrides
+from flows.one_writer import LEASE_STORAGE
 
 app = typer.Typer(help="Telugu S2S pipeline.", no_args_is_help=True, add_completion=False)
 corpus_app = typer.Typer(help="The embedded corpus.", no_args_is_help=True)
@@ -35,9 +36,12 @@ def _fail(message: str) -> None:
 
 
 def _prefect_env() -> None:
-    """Keep Prefect's state in the project (.prefect/) unless the user points elsewhere."""
+    """Keep Prefect's state in the project (.prefect/) unless the user points elsewhere, with the
+    concurrency leases on disk there, so a run killed with its temporary server cannot hold the
+    writer slot for ever (flows/one_writer.py)."""
     root = find_root()
     os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
+    os.environ.setdefault("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", LEASE_STORAGE)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 

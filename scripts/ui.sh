@@ -13,6 +13,8 @@ PREFECT_PORT="${PREFECT_PORT:-4200}"
 MLFLOW_PORT="${MLFLOW_PORT:-5000}"
 export PREFECT_HOME="${PREFECT_HOME:-$ROOT/.prefect}"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
+# leases on disk: a restarted server still knows who holds the writer slot (flows/one_writer.py)
+export PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE="${PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE:-prefect.server.concurrency.lease_storage.filesystem}"
 STORE="${MLFLOW_TRACKING_URI:-sqlite:///$ROOT/mlflow/mlflow.db}"
 mkdir -p "$ROOT/mlflow/artifacts" "$PREFECT_HOME"
 cd "$ROOT"
