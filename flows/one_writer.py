@@ -31,7 +31,7 @@ WRITER_LEASE_S = 60.0
 # Leases kept in files under PREFECT_HOME survive the temporary server that wrote them; the CLI
 # sets this as the default (s2s/common.py), and scripts/ui.sh for its server.
 LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
-WAIT_S = 30.0  # a waiting run looks for dead writers, and logs who holds the slot, this often
+WAIT_S = 30.0  # a waiting run looks for dead writers, and logs that it waits, this often
 F = TypeVar("F", bound=Callable[..., Any])
 
 
